@@ -1,0 +1,297 @@
+//! The local stack: moto server standing in for S3 and SQS, and the resources that
+//! `template.yaml` declares, created on it the same way.
+//!
+//! Tests and `shotlabel local` use this; nothing here runs on AWS.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_s3::config::Credentials;
+use aws_sdk_sqs::types::QueueAttributeName;
+use tokio::process::{Child, Command};
+
+/// What can go wrong bringing the local stack up.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalStackError {
+    #[error(
+        "moto server was not found (looked for {looked_in}); run `make venv` to install the pinned Python tools"
+    )]
+    MotoMissing { looked_in: String },
+    #[error("cannot start moto server: {0}")]
+    Spawn(std::io::Error),
+    #[error("moto server did not become ready on {endpoint} within {seconds} s")]
+    NotReady { endpoint: String, seconds: u64 },
+    #[error("cannot find a free local port: {0}")]
+    Port(std::io::Error),
+    #[error("creating {resource} on the local stack failed: {detail}")]
+    Create { resource: String, detail: String },
+}
+
+/// A running moto server on 127.0.0.1 and a free port; stopped when dropped.
+#[derive(Debug)]
+pub struct MotoServer {
+    child: Child,
+    endpoint: String,
+}
+
+/// Credentials moto accepts; they grant nothing anywhere else.
+const LOCAL_ACCESS_KEY: &str = "shotlabel-local";
+const LOCAL_SECRET_KEY: &str = "shotlabel-local-secret";
+/// The region the local stack pretends to be in.
+pub const LOCAL_REGION: &str = "us-east-1";
+
+impl MotoServer {
+    /// Starts moto server from the project's virtualenv (or `SHOTLABEL_MOTO_SERVER`) and
+    /// waits until it answers S3 calls.
+    pub async fn start() -> Result<Self, LocalStackError> {
+        let program = find_moto_server()?;
+        // Another process can take the port between our probe and moto's bind; try again.
+        let mut last_error = None;
+        for _ in 0..3 {
+            let port = free_port()?;
+            let endpoint = format!("http://127.0.0.1:{port}");
+            let child = Command::new(&program)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(LocalStackError::Spawn)?;
+            let mut server = Self { child, endpoint };
+            match server.wait_ready(Duration::from_secs(60)).await {
+                Ok(()) => return Ok(server),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| LocalStackError::NotReady {
+            endpoint: "127.0.0.1".into(),
+            seconds: 60,
+        }))
+    }
+
+    /// The base URL S3 and SQS clients should use, e.g. `http://127.0.0.1:41234`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// SDK configuration that points every AWS client at this server.
+    pub async fn sdk_config(&self) -> SdkConfig {
+        local_sdk_config(&self.endpoint).await
+    }
+
+    async fn wait_ready(&mut self, within: Duration) -> Result<(), LocalStackError> {
+        let s3 = s3_client(&self.sdk_config().await);
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                // Exited: most likely the port was taken.
+                break;
+            }
+            if s3.list_buckets().send().await.is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() > within {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = self.child.start_kill();
+        Err(LocalStackError::NotReady {
+            endpoint: self.endpoint.clone(),
+            seconds: within.as_secs(),
+        })
+    }
+}
+
+/// SDK configuration for a local endpoint with throwaway credentials.
+pub async fn local_sdk_config(endpoint: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(LOCAL_REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new(
+            LOCAL_ACCESS_KEY,
+            LOCAL_SECRET_KEY,
+            None,
+            None,
+            "shotlabel-localstack",
+        ))
+        .load()
+        .await
+}
+
+/// An S3 client for the local stack: path-style, since moto serves no bucket subdomains.
+pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
+    let s3_config = aws_sdk_s3::config::Builder::from(config)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(s3_config)
+}
+
+pub fn sqs_client(config: &SdkConfig) -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(config)
+}
+
+fn free_port() -> Result<u16, LocalStackError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(LocalStackError::Port)?;
+    Ok(listener.local_addr().map_err(LocalStackError::Port)?.port())
+}
+
+/// `SHOTLABEL_MOTO_SERVER`, else `.venv/bin/moto_server` in the current directory or the
+/// workspace, else `moto_server` on `PATH`.
+fn find_moto_server() -> Result<PathBuf, LocalStackError> {
+    if let Some(explicit) = std::env::var_os("SHOTLABEL_MOTO_SERVER") {
+        return Ok(PathBuf::from(explicit));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut candidates = vec![
+        PathBuf::from(".venv/bin/moto_server"),
+        workspace.join(".venv/bin/moto_server"),
+    ];
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|dir| dir.join("moto_server")));
+    }
+    candidates
+        .iter()
+        .find(|c| c.is_file())
+        .cloned()
+        .ok_or_else(|| LocalStackError::MotoMissing {
+            looked_in: "SHOTLABEL_MOTO_SERVER, .venv/bin and PATH".into(),
+        })
+}
+
+/// One SQS queue with its dead-letter queue, as declared in `template.yaml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// The template's logical id.
+    pub logical_id: &'static str,
+    pub dead_letter_logical_id: &'static str,
+    /// Seconds; sized to outlast the consuming function's run.
+    pub visibility_timeout: u32,
+    /// Receives before a message moves to the dead-letter queue.
+    pub max_receive_count: u32,
+}
+
+/// The queues `template.yaml` declares. A test holds the template to this list.
+pub const QUEUES: [QueueSpec; 2] = [
+    QueueSpec {
+        logical_id: "PendingQueue",
+        dead_letter_logical_id: "PendingDeadLetterQueue",
+        visibility_timeout: 960,
+        max_receive_count: 5,
+    },
+    QueueSpec {
+        logical_id: "HarvestQueue",
+        dead_letter_logical_id: "HarvestDeadLetterQueue",
+        visibility_timeout: 960,
+        max_receive_count: 5,
+    },
+];
+
+/// The bucket's logical id in `template.yaml`.
+pub const BUCKET_LOGICAL_ID: &str = "Bucket";
+
+/// Dead-letter queues keep messages for the SQS maximum, 14 days.
+const DEAD_LETTER_RETENTION_SECONDS: u32 = 1_209_600;
+
+/// Names and URLs of the resources created on the local stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResources {
+    pub bucket: String,
+    pub pending_queue_url: String,
+    pub pending_dead_letter_queue_url: String,
+    pub harvest_queue_url: String,
+    pub harvest_dead_letter_queue_url: String,
+}
+
+/// Creates the template's bucket and queues (each with its dead-letter queue and redrive
+/// policy), with names derived from `stack_name`. Creating them again is harmless.
+pub async fn create_resources(
+    config: &SdkConfig,
+    stack_name: &str,
+) -> Result<LocalResources, LocalStackError> {
+    let s3 = s3_client(config);
+    let sqs = sqs_client(config);
+    let bucket = format!("{stack_name}-bucket");
+    let created = s3.create_bucket().bucket(&bucket).send().await;
+    if let Err(e) = created {
+        let already = e
+            .as_service_error()
+            .is_some_and(|s| s.is_bucket_already_owned_by_you());
+        if !already {
+            return Err(create_error(&bucket, e));
+        }
+    }
+    let mut urls = Vec::new();
+    for spec in QUEUES {
+        let dlq_name = format!("{stack_name}-{}", spec.dead_letter_logical_id);
+        let dlq_url = sqs
+            .create_queue()
+            .queue_name(&dlq_name)
+            .attributes(
+                QueueAttributeName::MessageRetentionPeriod,
+                DEAD_LETTER_RETENTION_SECONDS.to_string(),
+            )
+            .send()
+            .await
+            .map_err(|e| create_error(&dlq_name, e))?
+            .queue_url
+            .unwrap_or_default();
+        let dlq_arn = sqs
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| create_error(&dlq_name, e))?
+            .attributes
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .unwrap_or_default();
+        let redrive = format!(
+            r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":{}}}"#,
+            spec.max_receive_count
+        );
+        let name = format!("{stack_name}-{}", spec.logical_id);
+        let url = sqs
+            .create_queue()
+            .queue_name(&name)
+            .attributes(
+                QueueAttributeName::VisibilityTimeout,
+                spec.visibility_timeout.to_string(),
+            )
+            .attributes(QueueAttributeName::RedrivePolicy, redrive)
+            .send()
+            .await
+            .map_err(|e| create_error(&name, e))?
+            .queue_url
+            .unwrap_or_default();
+        urls.push((url, dlq_url));
+    }
+    let mut urls = urls.into_iter();
+    let (pending_queue_url, pending_dead_letter_queue_url) = urls.next().unwrap_or_default();
+    let (harvest_queue_url, harvest_dead_letter_queue_url) = urls.next().unwrap_or_default();
+    Ok(LocalResources {
+        bucket,
+        pending_queue_url,
+        pending_dead_letter_queue_url,
+        harvest_queue_url,
+        harvest_dead_letter_queue_url,
+    })
+}
+
+fn create_error(resource: &str, error: impl std::error::Error) -> LocalStackError {
+    let mut detail = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        detail.push_str(": ");
+        detail.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    LocalStackError::Create {
+        resource: resource.to_owned(),
+        detail,
+    }
+}

@@ -1,0 +1,370 @@
+//! Wire types of the OpenAI-compatible Batch API, parsed tolerantly: providers differ in
+//! id formats, timestamp units and which fields they send, so ids accept any scalar,
+//! timestamps accept seconds or milliseconds, absent fields default, and unknown fields
+//! are ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Value;
+
+/// An instant from a provider, normalised to milliseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp {
+    millis: i64,
+}
+
+/// Values above this are taken as milliseconds: as seconds it would be past the year 5000,
+/// as milliseconds it is 1973.
+const MILLIS_THRESHOLD: f64 = 1e11;
+
+impl Timestamp {
+    pub fn from_millis(millis: i64) -> Self {
+        Self { millis }
+    }
+
+    pub fn from_secs(secs: i64) -> Self {
+        Self {
+            millis: secs.saturating_mul(1000),
+        }
+    }
+
+    /// Reads a provider's number, deciding between seconds and milliseconds by magnitude.
+    pub fn from_provider_number(value: f64) -> Option<Self> {
+        if !value.is_finite() || value < 0.0 {
+            return None;
+        }
+        let millis = if value >= MILLIS_THRESHOLD {
+            value
+        } else {
+            value * 1000.0
+        };
+        Some(Self {
+            millis: millis.round() as i64,
+        })
+    }
+
+    pub fn as_millis(self) -> i64 {
+        self.millis
+    }
+
+    pub fn as_secs(self) -> i64 {
+        self.millis.div_euclid(1000)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_i64(self.as_secs())
+    }
+}
+
+/// Deserialises an optional timestamp from an integer, a float, a numeric string or null.
+/// Anything else is treated as absent rather than failing the whole object.
+fn de_timestamp<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+    let value = Option::<Value>::deserialize(d)?;
+    Ok(match value {
+        Some(Value::Number(n)) => n.as_f64().and_then(Timestamp::from_provider_number),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(Timestamp::from_provider_number),
+        _ => None,
+    })
+}
+
+/// Deserialises an id that may be a string or a number.
+fn de_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(s) => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(de::Error::custom(format!(
+            "expected an id (string or number), found {other}"
+        ))),
+    }
+}
+
+/// Like [`de_id`] for optional ids; an empty string counts as absent.
+fn de_opt_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+/// Deserialises a count that may be missing, null, a number or a numeric string.
+fn de_count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .or_else(|| n.as_f64().map(|f| f.max(0.0) as u64))
+            .unwrap_or(0),
+        Some(Value::String(s)) => s.trim().parse().unwrap_or(0),
+        _ => 0,
+    })
+}
+
+/// Metadata values are strings in the spec; keep other scalars as their JSON text.
+fn de_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Object(map)) => map
+            .into_iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    })
+}
+
+/// An uploaded file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileObject {
+    #[serde(deserialize_with = "de_id")]
+    pub id: String,
+    #[serde(default, deserialize_with = "de_count")]
+    pub bytes: u64,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub created_at: Option<Timestamp>,
+    #[serde(default)]
+    pub filename: Option<String>,
+    #[serde(default)]
+    pub purpose: Option<String>,
+}
+
+/// Where a batch is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BatchStatus {
+    Validating,
+    Failed,
+    InProgress,
+    Finalizing,
+    Completed,
+    Expired,
+    Cancelling,
+    Cancelled,
+    /// A status this client does not know; kept verbatim and treated as still running.
+    Other(String),
+}
+
+impl BatchStatus {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Validating => "validating",
+            Self::Failed => "failed",
+            Self::InProgress => "in_progress",
+            Self::Finalizing => "finalizing",
+            Self::Completed => "completed",
+            Self::Expired => "expired",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// True once the provider will do nothing more with the batch.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Self::Failed | Self::Completed | Self::Expired | Self::Cancelled
+        )
+    }
+}
+
+impl From<&str> for BatchStatus {
+    fn from(s: &str) -> Self {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "validating" | "queued" | "pending" => Self::Validating,
+            "failed" => Self::Failed,
+            "in_progress" | "in-progress" | "running" | "processing" => Self::InProgress,
+            "finalizing" => Self::Finalizing,
+            "completed" | "succeeded" => Self::Completed,
+            "expired" => Self::Expired,
+            "cancelling" | "canceling" => Self::Cancelling,
+            "cancelled" | "canceled" => Self::Cancelled,
+            _ => Self::Other(s.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for BatchStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for BatchStatus {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchStatus {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(Self::from(s.as_str()))
+    }
+}
+
+/// How many of a batch's requests have finished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    #[serde(default, deserialize_with = "de_count")]
+    pub total: u64,
+    #[serde(default, deserialize_with = "de_count")]
+    pub completed: u64,
+    #[serde(default, deserialize_with = "de_count")]
+    pub failed: u64,
+}
+
+/// One reason a provider gave for rejecting a batch's input file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchError {
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub param: Option<String>,
+    #[serde(default)]
+    pub line: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchErrors {
+    #[serde(default)]
+    pub data: Vec<BatchError>,
+}
+
+/// A batch as the provider reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    #[serde(deserialize_with = "de_id")]
+    pub id: String,
+    pub status: BatchStatus,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub input_file_id: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub output_file_id: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub error_file_id: Option<String>,
+    #[serde(default)]
+    pub completion_window: Option<String>,
+    #[serde(default)]
+    pub errors: Option<BatchErrors>,
+    #[serde(default)]
+    pub request_counts: Option<RequestCounts>,
+    #[serde(default, deserialize_with = "de_metadata")]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub created_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub in_progress_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub expires_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub finalizing_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub completed_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub failed_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub expired_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub cancelling_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "de_timestamp")]
+    pub cancelled_at: Option<Timestamp>,
+}
+
+impl Batch {
+    /// Every reason the provider gave for rejecting the input, one per line.
+    pub fn error_summary(&self) -> Option<String> {
+        let errors = self.errors.as_ref()?;
+        if errors.data.is_empty() {
+            return None;
+        }
+        let lines: Vec<String> = errors
+            .data
+            .iter()
+            .map(|e| {
+                let mut s = e.code.clone().unwrap_or_else(|| "error".into());
+                if let Some(m) = &e.message {
+                    s.push_str(": ");
+                    s.push_str(m);
+                }
+                if let Some(l) = e.line {
+                    s.push_str(&format!(" (line {l})"));
+                }
+                s
+            })
+            .collect();
+        Some(lines.join("\n"))
+    }
+}
+
+/// The body of `POST /batches`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CreateBatchRequest {
+    pub input_file_id: String,
+    pub endpoint: String,
+    pub completion_window: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Inference.net's per-batch completion callback; other providers ignore it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
+impl CreateBatchRequest {
+    /// A chat-completions batch with the usual 24-hour window.
+    pub fn chat_completions(input_file_id: impl Into<String>) -> Self {
+        Self {
+            input_file_id: input_file_id.into(),
+            endpoint: "/v1/chat/completions".into(),
+            completion_window: "24h".into(),
+            metadata: BTreeMap::new(),
+            webhook_url: None,
+        }
+    }
+}
+
+/// The `response` half of an output line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputResponse {
+    #[serde(default, deserialize_with = "de_count")]
+    pub status_code: u64,
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub request_id: Option<String>,
+    #[serde(default)]
+    pub body: Value,
+}
+
+/// The `error` half of an output or error line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputError {
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// One line of a batch's output or error file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputLine {
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub id: Option<String>,
+    #[serde(deserialize_with = "de_id")]
+    pub custom_id: String,
+    #[serde(default)]
+    pub response: Option<OutputResponse>,
+    #[serde(default)]
+    pub error: Option<OutputError>,
+}

@@ -1,0 +1,9 @@
+//! shotlabel's shared library: the domain (tasks, batch requests and results) and the
+//! adapters the Lambda functions and the CLI are built from.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the bird's-eye view.
+
+pub mod batch_api;
+pub mod task;
+
+pub use secrecy::SecretString;

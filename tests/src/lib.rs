@@ -1,0 +1,1 @@
+//! Cross-function integration tests live in `tests/`; this crate has no library code.
