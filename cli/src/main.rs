@@ -9,7 +9,11 @@ mod local;
 mod task_cmd;
 
 #[derive(Debug, Parser)]
-#[command(name = "shotlabel", version, about = "Label images at scale with vision LLMs through Batch APIs.")]
+#[command(
+    name = "shotlabel",
+    version,
+    about = "Label images at scale with vision LLMs through Batch APIs."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
