@@ -4,6 +4,7 @@
 //! See `ARCHITECTURE.md` at the repository root for the bird's-eye view.
 
 pub mod batch_api;
+pub mod prepare;
 pub mod task;
 
 pub use secrecy::SecretString;

@@ -214,9 +214,11 @@ async fn a_404_is_not_retried_even_when_faults_are_on() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn plain_ids_and_millisecond_timestamps_parse() -> anyhow::Result<()> {
-    let mut config = EmulatorConfig::default();
-    config.id_style = IdStyle::Plain;
-    config.millis_timestamps = true;
+    let config = EmulatorConfig {
+        id_style: IdStyle::Plain,
+        millis_timestamps: true,
+        ..EmulatorConfig::default()
+    };
     let emulator = emulator(config).await?;
     let client = client_for(&emulator, quick_retries(3))?;
     let batch = run_batch(&client, &Task::default_task()?, 2).await?;
@@ -262,11 +264,12 @@ async fn a_rejected_input_file_fails_the_batch_with_reasons() -> anyhow::Result<
 
 #[tokio::test]
 async fn cancel_keeps_the_batch_retrievable() -> anyhow::Result<()> {
-    let mut config = EmulatorConfig::default();
-    config.listen = "127.0.0.1:0".parse()?;
-    config.api_key = KEY.into();
     // Slow enough that the cancel lands while the batch is still running.
-    let config = config.with_delays(50, 5_000, 50);
+    let config = EmulatorConfig {
+        listen: "127.0.0.1:0".parse()?,
+        ..EmulatorConfig::new(KEY)
+    }
+    .with_delays(50, 5_000, 50);
     let emulator = batch_emulator::spawn(config).await?;
     let client = client_for(&emulator, quick_retries(3))?;
     let dir = tempfile::tempdir()?;
