@@ -6,6 +6,8 @@ VENV ?= .venv
 PYTHON ?= python3
 CARGO ?= cargo
 VENV_STAMP := $(VENV)/.installed
+# Where cargo puts binaries (CARGO_TARGET_DIR when set).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
 .PHONY: help venv build demo test test-rust test-python fmt fmt-check clippy lint
 
@@ -45,6 +47,6 @@ test-rust: $(VENV_STAMP)
 # The Python tests drive the emulator binary with the official openai and standardwebhooks packages.
 test-python: $(VENV_STAMP)
 	$(CARGO) build -p batch-emulator
-	BATCH_EMULATOR_BIN=$(CURDIR)/target/debug/batch-emulator $(VENV)/bin/python -m pytest tests/python -q
+	BATCH_EMULATOR_BIN=$(TARGET_DIR)/debug/batch-emulator $(VENV)/bin/python -m pytest tests/python -q
 
 test: lint test-rust test-python
