@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod local;
+mod prep;
 mod task_cmd;
 
 #[derive(Debug, Parser)]
@@ -24,6 +25,18 @@ enum Command {
     /// Inspect and check task files.
     #[command(subcommand)]
     Task(task_cmd::TaskCommand),
+    /// Prepare local images and write the request lines the submitter would send.
+    Prep {
+        /// Image files or folders (searched recursively).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Where to write the JSONL request lines.
+        #[arg(long)]
+        out: PathBuf,
+        /// A task file; the built-in website judgement when absent.
+        #[arg(long, env = "SHOTLABEL_TASK")]
+        task: Option<PathBuf>,
+    },
     /// Run the local stack (moto + the batch emulator) on a folder of images.
     Local {
         /// Images to upload to the local bucket.
@@ -49,6 +62,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Task(command) => task_cmd::run(command),
+        Command::Prep { inputs, out, task } => {
+            task_cmd::load_task(task.as_deref()).and_then(|task| prep::run(&inputs, &out, &task))
+        }
         Command::Local {
             images,
             task,

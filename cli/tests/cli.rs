@@ -97,3 +97,60 @@ fn local_refuses_a_folder_without_images() -> anyhow::Result<()> {
     assert!(err.contains("no images"), "{err}");
     Ok(())
 }
+
+#[test]
+fn prep_writes_one_line_per_image_and_records_failures() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("requests.jsonl");
+    let out_path = out.to_string_lossy().into_owned();
+    let (ok, stdout, stderr) = shotlabel(&[
+        "prep",
+        "tests/data/screenshots",
+        "tests/data/awkward",
+        "--out",
+        &out_path,
+    ])?;
+    assert!(ok, "{stderr}");
+    // 12 screenshots + labels.json + 12 awkward files; the empty, text and truncated
+    // files and labels.json fail.
+    let summary = stdout.trim();
+    assert!(summary.starts_with("images 25 lines 21 "), "{summary}");
+    assert!(summary.contains(" failed 4 "), "{summary}");
+    for name in [
+        "empty.png",
+        "not-an-image.png",
+        "truncated.png",
+        "labels.json",
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("failed") && l.contains(name)),
+            "{stderr}"
+        );
+    }
+    let text = std::fs::read_to_string(&out)?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 21);
+    let bytes: usize = text.len();
+    assert!(summary.contains(&format!(" bytes {bytes} ")), "{summary}");
+    let ids: std::collections::HashSet<&str> = lines
+        .iter()
+        .filter_map(|l| l["custom_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 21, "custom ids are unique");
+    for line in &lines {
+        let url = line["body"]["messages"][1]["content"][1]["image_url"]["url"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(url.starts_with("data:image/jpeg;base64,"));
+        assert_eq!(
+            line["body"]["response_format"]["json_schema"]["strict"],
+            true
+        );
+    }
+    Ok(())
+}

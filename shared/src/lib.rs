@@ -5,6 +5,7 @@
 
 pub mod batch_api;
 pub mod prepare;
+pub mod request;
 pub mod task;
 
 pub use secrecy::SecretString;
