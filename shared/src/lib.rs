@@ -6,6 +6,7 @@
 pub mod batch_api;
 pub mod prepare;
 pub mod request;
+pub mod s3_key;
 pub mod task;
 
 pub use secrecy::SecretString;
