@@ -38,6 +38,18 @@ fn decode(prepared: &PreparedImage) -> anyhow::Result<image::DynamicImage> {
     Ok(image::load_from_memory(&jpeg)?)
 }
 
+/// The mean absolute difference per channel of two same-sized images (0-255).
+fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let total: f64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| f64::from(x.abs_diff(*y)))
+        .sum();
+    total / a.as_raw().len() as f64
+}
+
 #[test]
 fn screenshots_are_downscaled_to_896_and_sent_as_jpeg() -> anyhow::Result<()> {
     for entry in std::fs::read_dir(data("screenshots"))? {
@@ -81,13 +93,7 @@ fn rotated_exif_jpeg_is_turned_upright() -> anyhow::Result<()> {
         .resize_exact(896, 560, image::imageops::FilterType::Triangle)
         .to_rgb8();
     let ours = decode(&prepared)?.to_rgb8();
-    let mean_abs_diff: f64 = ours
-        .as_raw()
-        .iter()
-        .zip(original.as_raw())
-        .map(|(a, b)| f64::from(a.abs_diff(*b)))
-        .sum::<f64>()
-        / ours.as_raw().len() as f64;
+    let mean_abs_diff = mean_abs_diff(&ours, &original);
     assert!(mean_abs_diff < 20.0, "mean abs diff {mean_abs_diff}");
     Ok(())
 }
@@ -136,13 +142,7 @@ fn cmyk_colours_survive() -> anyhow::Result<()> {
             image::imageops::FilterType::Triangle,
         )
         .to_rgb8();
-    let mean_abs_diff: f64 = ours
-        .as_raw()
-        .iter()
-        .zip(reference.as_raw())
-        .map(|(a, b)| f64::from(a.abs_diff(*b)))
-        .sum::<f64>()
-        / ours.as_raw().len() as f64;
+    let mean_abs_diff = mean_abs_diff(&ours, &reference);
     assert!(mean_abs_diff < 25.0, "mean abs diff {mean_abs_diff}");
     Ok(())
 }

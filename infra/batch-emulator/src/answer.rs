@@ -580,14 +580,7 @@ fn gen_string(obj: &Map<String, Value>, rng: &mut Prng) -> String {
         ),
         Some("email") => format!("synthetic.{}@example.com", rng.alnum(6)),
         Some("uri" | "url") => format!("https://example.com/synthetic/{}", rng.alnum(8)),
-        Some("uuid") => format!(
-            "{}-{}-4{}-8{}-{}",
-            rng.hex(8),
-            rng.hex(4),
-            rng.hex(3),
-            rng.hex(3),
-            rng.hex(12)
-        ),
+        Some("uuid") => rng.uuid(),
         _ => {
             let words = rng.range_i64(1, 4);
             (0..words)

@@ -80,6 +80,18 @@ impl Prng {
             .map(|_| CHARS[self.index(CHARS.len())] as char)
             .collect()
     }
+
+    /// A version-4-shaped UUID string.
+    pub fn uuid(&mut self) -> String {
+        format!(
+            "{}-{}-4{}-8{}-{}",
+            self.hex(8),
+            self.hex(4),
+            self.hex(3),
+            self.hex(3),
+            self.hex(12)
+        )
+    }
 }
 
 /// First 8 bytes of SHA-256 over length-prefixed parts.

@@ -342,14 +342,7 @@ impl AppState {
         let mut rng = lock(&self.rng);
         match self.cfg.id_style {
             IdStyle::OpenAi => format!("batch_{}", rng.hex(32)),
-            IdStyle::Plain => format!(
-                "{}-{}-4{}-8{}-{}",
-                rng.hex(8),
-                rng.hex(4),
-                rng.hex(3),
-                rng.hex(3),
-                rng.hex(12)
-            ),
+            IdStyle::Plain => rng.uuid(),
         }
     }
 
