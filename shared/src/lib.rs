@@ -3,6 +3,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the bird's-eye view.
 
+pub mod aws;
 pub mod batch_api;
 pub mod prepare;
 pub mod request;

@@ -123,17 +123,8 @@ pub async fn local_sdk_config(endpoint: &str) -> SdkConfig {
         .await
 }
 
-/// An S3 client for the local stack: path-style, since moto serves no bucket subdomains.
-pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
-    let s3_config = aws_sdk_s3::config::Builder::from(config)
-        .force_path_style(true)
-        .build();
-    aws_sdk_s3::Client::from_conf(s3_config)
-}
-
-pub fn sqs_client(config: &SdkConfig) -> aws_sdk_sqs::Client {
-    aws_sdk_sqs::Client::new(config)
-}
+/// The functions' own client constructors: with the local endpoint set, S3 is path-style.
+pub use shotlabel_shared::aws::{s3_client, sqs_client};
 
 fn free_port() -> Result<u16, LocalStackError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(LocalStackError::Port)?;
