@@ -45,8 +45,10 @@ test-rust: $(VENV_STAMP)
 	$(CARGO) test --workspace --no-fail-fast
 
 # The Python tests drive the emulator binary with the official openai and standardwebhooks packages.
+# `cargo test --no-run` builds the emulator binary with the same features as test-rust does,
+# so `make test` does not compile the dependencies a second time.
 test-python: $(VENV_STAMP)
-	$(CARGO) build -p batch-emulator
+	$(CARGO) test --workspace --no-run --quiet
 	BATCH_EMULATOR_BIN=$(TARGET_DIR)/debug/batch-emulator $(VENV)/bin/python -m pytest tests/python -q
 
 test: lint test-rust test-python

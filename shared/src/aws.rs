@@ -4,7 +4,18 @@
 //! `AWS_ENDPOINT_URL_S3`, profiles), so the same binary talks to AWS or to moto server.
 //! This is an adapter module: the domain modules never import it.
 
+use std::time::Duration;
+
 use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, SendMessageBatchRequestEntry,
+};
+
+use crate::ports::{
+    ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueError, ReceivedMessage, StoreError,
+    WriteCondition,
+};
 
 /// Loads the SDK configuration the standard way (environment, profile, instance role).
 pub async fn load_sdk_config() -> SdkConfig {
@@ -35,6 +46,239 @@ pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
 
 pub fn sqs_client(config: &SdkConfig) -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(config)
+}
+
+/// [`ObjectStore`] on S3.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+}
+
+impl S3Store {
+    pub fn new(client: aws_sdk_s3::Client) -> Self {
+        Self { client }
+    }
+}
+
+fn strip_quotes(etag: &str) -> String {
+    etag.trim_matches('"').to_owned()
+}
+
+fn http_status<E, R: HttpStatus>(error: &SdkError<E, R>) -> Option<u16> {
+    error.raw_response().map(HttpStatus::status_code)
+}
+
+/// The HTTP status of a raw SDK response, whatever its type.
+trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+impl ObjectStore for S3Store {
+    async fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>, StoreError> {
+        let output = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await;
+        match output {
+            Ok(object) => object
+                .body
+                .collect()
+                .await
+                .map(|data| data.into_bytes().to_vec())
+                .map_err(|e| StoreError::Other(format!("reading s3://{bucket}/{key}: {e}"))),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                Err(StoreError::NotFound {
+                    bucket: bucket.into(),
+                    key: key.into(),
+                })
+            }
+            Err(e) => Err(StoreError::Other(format!(
+                "reading s3://{bucket}/{key}: {}",
+                DisplayErrorContext(&e)
+            ))),
+        }
+    }
+
+    async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        match self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(head) => Ok(Some(ObjectInfo {
+                size: head.content_length.unwrap_or(0).max(0) as u64,
+                etag: head.e_tag.as_deref().map(strip_quotes).unwrap_or_default(),
+            })),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) if http_status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(StoreError::Other(format!(
+                "looking up s3://{bucket}/{key}: {}",
+                DisplayErrorContext(&e)
+            ))),
+        }
+    }
+
+    async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        condition: WriteCondition,
+    ) -> Result<String, StoreError> {
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(aws_sdk_s3::primitives::ByteStream::from(body));
+        request = match condition {
+            WriteCondition::Overwrite => request,
+            WriteCondition::IfAbsent => request.if_none_match("*"),
+            WriteCondition::IfMatch(etag) => request.if_match(format!("\"{etag}\"")),
+        };
+        match request.send().await {
+            Ok(output) => Ok(output
+                .e_tag
+                .as_deref()
+                .map(strip_quotes)
+                .unwrap_or_default()),
+            // 412 Precondition Failed, or 409 when a concurrent conditional write won.
+            Err(e) if matches!(http_status(&e), Some(412 | 409)) => {
+                Err(StoreError::ConditionFailed {
+                    bucket: bucket.into(),
+                    key: key.into(),
+                })
+            }
+            Err(e) => Err(StoreError::Other(format!(
+                "writing s3://{bucket}/{key}: {}",
+                DisplayErrorContext(&e)
+            ))),
+        }
+    }
+}
+
+/// [`Queue`] on SQS.
+#[derive(Debug, Clone)]
+pub struct SqsQueue {
+    client: aws_sdk_sqs::Client,
+}
+
+impl SqsQueue {
+    pub fn new(client: aws_sdk_sqs::Client) -> Self {
+        Self { client }
+    }
+}
+
+fn queue_error(action: &str, error: impl std::error::Error) -> QueueError {
+    QueueError::Other(format!("{action}: {}", DisplayErrorContext(&error)))
+}
+
+impl Queue for SqsQueue {
+    async fn send_batch(
+        &self,
+        queue_url: &str,
+        messages: &[OutgoingMessage],
+    ) -> Result<Vec<String>, QueueError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut request = self.client.send_message_batch().queue_url(queue_url);
+        for message in messages {
+            let entry = SendMessageBatchRequestEntry::builder()
+                .id(&message.id)
+                .message_body(&message.body)
+                .build()
+                .map_err(|e| queue_error("building a message", e))?;
+            request = request.entries(entry);
+        }
+        let output = request
+            .send()
+            .await
+            .map_err(|e| queue_error("sending messages", e))?;
+        Ok(output.failed.into_iter().map(|f| f.id).collect())
+    }
+
+    async fn receive(
+        &self,
+        queue_url: &str,
+        max: u32,
+        visibility_timeout: Duration,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        let output = self
+            .client
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .visibility_timeout(visibility_timeout.as_secs().min(43_200) as i32)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .map_err(|e| queue_error("receiving messages", e))?;
+        Ok(output
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| {
+                let receive_count = m
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                ReceivedMessage {
+                    message_id: m.message_id.unwrap_or_default(),
+                    receipt_handle: m.receipt_handle.unwrap_or_default(),
+                    body: m.body.unwrap_or_default(),
+                    receive_count,
+                }
+            })
+            .collect())
+    }
+
+    async fn delete_batch(
+        &self,
+        queue_url: &str,
+        receipt_handles: &[String],
+    ) -> Result<Vec<String>, QueueError> {
+        if receipt_handles.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut request = self.client.delete_message_batch().queue_url(queue_url);
+        for (i, handle) in receipt_handles.iter().enumerate() {
+            let entry = DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(handle)
+                .build()
+                .map_err(|e| queue_error("building a delete", e))?;
+            request = request.entries(entry);
+        }
+        let output = request
+            .send()
+            .await
+            .map_err(|e| queue_error("deleting messages", e))?;
+        Ok(output
+            .failed
+            .into_iter()
+            .filter_map(|f| f.id.parse::<usize>().ok())
+            .filter_map(|i| receipt_handles.get(i).cloned())
+            .collect())
+    }
 }
 
 #[cfg(test)]

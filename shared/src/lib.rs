@@ -5,9 +5,13 @@
 
 pub mod aws;
 pub mod batch_api;
+pub mod enqueue;
+pub mod ports;
 pub mod prepare;
+pub mod records;
 pub mod request;
 pub mod s3_key;
+pub mod settings;
 pub mod task;
 
 pub use secrecy::SecretString;

@@ -1,19 +1,15 @@
-//! The `enqueue` Lambda function: turns S3 ObjectCreated events under the input prefix into pending-queue messages.
-//!
-//! Its handler is not built yet (issue 3). Until then every invocation fails loudly, so
-//! that a deployed stack never drops an event silently: Lambda retries it and, past the
-//! retry limit, it lands in the dead-letter queue.
+//! The `enqueue` Lambda function: S3 `ObjectCreated` events under the input prefix become
+//! pending-queue messages.
 
+use enqueue::{Handler, handle};
 use lambda_runtime::{Error, LambdaEvent, run, service_fn, tracing};
-use serde_json::Value;
-
-async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
-    tracing::error!(request_id = %event.context.request_id, "the enqueue handler is not built yet");
-    Err("the enqueue handler is not built yet (issue 3)".into())
-}
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     tracing::init_default_subscriber();
-    run(service_fn(handler)).await
+    let handler = Handler::from_env().await?;
+    run(service_fn(|event: LambdaEvent<_>| {
+        handle(&handler, event.payload)
+    }))
+    .await
 }
