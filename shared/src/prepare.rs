@@ -10,7 +10,9 @@ use std::io::Cursor;
 use base64::Engine;
 use image::codecs::jpeg::JpegEncoder;
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use image::{
+    DynamicImage, ExtendedColorType, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage,
+};
 
 use crate::task::ImageSettings;
 
@@ -146,8 +148,14 @@ pub fn prepare_image(
     let rgb = fit_within(rgb, settings.max_side);
 
     let mut jpeg = Vec::with_capacity(rgb.as_raw().len() / 8);
+    // The non-generic entry point: it runs as compiled in the (optimised) image crate.
     JpegEncoder::new_with_quality(&mut jpeg, settings.jpeg_quality)
-        .encode_image(&rgb)
+        .encode(
+            rgb.as_raw(),
+            rgb.width(),
+            rgb.height(),
+            ExtendedColorType::Rgb8,
+        )
         .map_err(|e| PrepareError::Encode(e.to_string()))?;
 
     let mut data_uri = String::with_capacity(23 + jpeg.len().div_ceil(3) * 4);
@@ -192,5 +200,9 @@ fn fit_within(image: RgbImage, max_side: u32) -> RgbImage {
     let scale = f64::from(max_side) / f64::from(longest);
     let new_width = ((f64::from(width) * scale).round() as u32).clamp(1, max_side);
     let new_height = ((f64::from(height) * scale).round() as u32).clamp(1, max_side);
-    image::imageops::resize(&image, new_width, new_height, FilterType::CatmullRom)
+    // DynamicImage's resize is not generic, so it runs as compiled in the image crate,
+    // optimised even in debug builds (imageops::resize would be compiled here).
+    DynamicImage::ImageRgb8(image)
+        .resize_exact(new_width, new_height, FilterType::CatmullRom)
+        .into_rgb8()
 }
