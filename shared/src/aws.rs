@@ -14,7 +14,7 @@ use aws_sdk_sqs::types::{
 
 use crate::ports::{
     ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueError, ReceivedMessage, StoreError,
-    WriteCondition,
+    StoredObject, WriteCondition,
 };
 
 /// Loads the SDK configuration the standard way (environment, profile, instance role).
@@ -80,7 +80,7 @@ impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
 }
 
 impl ObjectStore for S3Store {
-    async fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>, StoreError> {
+    async fn get(&self, bucket: &str, key: &str) -> Result<StoredObject, StoreError> {
         let output = self
             .client
             .get_object()
@@ -89,12 +89,21 @@ impl ObjectStore for S3Store {
             .send()
             .await;
         match output {
-            Ok(object) => object
-                .body
-                .collect()
-                .await
-                .map(|data| data.into_bytes().to_vec())
-                .map_err(|e| StoreError::Other(format!("reading s3://{bucket}/{key}: {e}"))),
+            Ok(object) => {
+                let etag = object
+                    .e_tag
+                    .as_deref()
+                    .map(strip_quotes)
+                    .unwrap_or_default();
+                let body =
+                    object.body.collect().await.map_err(|e| {
+                        StoreError::Other(format!("reading s3://{bucket}/{key}: {e}"))
+                    })?;
+                Ok(StoredObject {
+                    body: body.into_bytes().to_vec(),
+                    etag,
+                })
+            }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
                 Err(StoreError::NotFound {
                     bucket: bucket.into(),
@@ -168,6 +177,48 @@ impl ObjectStore for S3Store {
                 DisplayErrorContext(&e)
             ))),
         }
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                StoreError::Other(format!(
+                    "deleting s3://{bucket}/{key}: {}",
+                    DisplayErrorContext(&e)
+                ))
+            })
+    }
+
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| {
+                StoreError::Other(format!(
+                    "listing s3://{bucket}/{prefix}: {}",
+                    DisplayErrorContext(&e)
+                ))
+            })?;
+            keys.extend(
+                page.contents
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|o| o.key),
+            );
+        }
+        Ok(keys)
     }
 }
 

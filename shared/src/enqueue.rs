@@ -93,7 +93,15 @@ pub async fn enqueue_objects<S: ObjectStore, Q: Queue>(
             report.failed += 1;
             continue;
         }
-        if !config.force_relabel && is_labelled(store, config, &object, relative).await? {
+        let mut replace_label = None;
+        if config.force_relabel {
+            // Harvest may replace exactly this label, and nothing newer.
+            let label_key = config.layout.label_key(relative);
+            replace_label = store
+                .head(&object.bucket, &label_key)
+                .await?
+                .map(|l| l.etag);
+        } else if is_labelled(store, config, &object, relative).await? {
             report.already_labelled += 1;
             continue;
         }
@@ -105,6 +113,7 @@ pub async fn enqueue_objects<S: ObjectStore, Q: Queue>(
             version_id: object.version_id,
             attempt: 0,
             reasons: Vec::new(),
+            replace_label,
         });
     }
     for chunk in pending.chunks(MAX_BATCH_MESSAGES) {
@@ -159,7 +168,7 @@ async fn is_labelled<S: ObjectStore>(
 ) -> Result<bool, EnqueueError> {
     let label_key = config.layout.label_key(relative);
     let body = match store.get(&object.bucket, &label_key).await {
-        Ok(body) => body,
+        Ok(object) => object.body,
         Err(StoreError::NotFound { .. }) => return Ok(false),
         Err(e) => return Err(e.into()),
     };

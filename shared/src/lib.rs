@@ -3,8 +3,10 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the bird's-eye view.
 
+pub mod answer;
 pub mod aws;
 pub mod batch_api;
+pub mod batch_token;
 pub mod enqueue;
 pub mod ports;
 pub mod prepare;
@@ -12,6 +14,8 @@ pub mod records;
 pub mod request;
 pub mod s3_key;
 pub mod settings;
+pub mod standard_webhooks;
+pub mod submit;
 pub mod task;
 
 pub use secrecy::SecretString;

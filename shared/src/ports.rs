@@ -2,12 +2,23 @@
 //! (`crate::aws`) implement them on S3 and SQS; tests can implement them on anything.
 
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
+
+use crate::batch_api::{Batch, BatchApiError, CreateBatchRequest, FileObject};
 
 /// What is known about a stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
     pub size: u64,
+    /// Without the surrounding quotes S3 puts on it.
+    pub etag: String,
+}
+
+/// An object's content with the etag it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub body: Vec<u8>,
     /// Without the surrounding quotes S3 puts on it.
     pub etag: String,
 }
@@ -38,7 +49,7 @@ pub trait ObjectStore: Send + Sync {
         &self,
         bucket: &str,
         key: &str,
-    ) -> impl Future<Output = Result<Vec<u8>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<StoredObject, StoreError>> + Send;
 
     /// `None` when there is no such object.
     fn head(
@@ -56,6 +67,20 @@ pub trait ObjectStore: Send + Sync {
         content_type: &str,
         condition: WriteCondition,
     ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Deletes an object; deleting what is not there is not an error.
+    fn delete(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every key under `prefix`, in key order.
+    fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 }
 
 /// A message to send; `id` is unique within one batch call.
@@ -108,4 +133,28 @@ pub trait Queue: Send + Sync {
         queue_url: &str,
         receipt_handles: &[String],
     ) -> impl Future<Output = Result<Vec<String>, QueueError>> + Send;
+}
+
+/// A provider's output or error file, read line by line.
+pub type LineReader = std::pin::Pin<Box<dyn tokio::io::AsyncBufRead + Send>>;
+
+/// An OpenAI-compatible Batch API. [`crate::batch_api::BatchClient`] implements it over HTTP.
+pub trait BatchProvider: Send + Sync {
+    /// Uploads a JSONL input file.
+    fn upload(&self, path: &Path)
+    -> impl Future<Output = Result<FileObject, BatchApiError>> + Send;
+
+    fn create(
+        &self,
+        request: &CreateBatchRequest,
+    ) -> impl Future<Output = Result<Batch, BatchApiError>> + Send;
+
+    fn retrieve(&self, batch_id: &str)
+    -> impl Future<Output = Result<Batch, BatchApiError>> + Send;
+
+    /// Opens a file's content for streaming.
+    fn open_file(
+        &self,
+        file_id: &str,
+    ) -> impl Future<Output = Result<LineReader, BatchApiError>> + Send;
 }

@@ -17,6 +17,39 @@ pub struct PendingItem {
     /// Why earlier attempts failed, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<AttemptReason>,
+    /// For a forced relabel: the etag of the label this item may replace. Without it, an
+    /// existing label for the same content and task version wins (see ARCHITECTURE.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_label: Option<String>,
+}
+
+impl PendingItem {
+    pub fn source(&self) -> SourceRef {
+        SourceRef {
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            etag: self.etag.clone(),
+            size: self.size,
+            version_id: self.version_id.clone(),
+        }
+    }
+
+    /// The same image, one attempt later, with the reason this attempt failed.
+    pub fn next_attempt(&self, stage: &str, reason: String) -> Self {
+        let mut next = self.clone();
+        next.reasons.push(AttemptReason {
+            attempt: self.attempt,
+            stage: stage.to_owned(),
+            reason,
+        });
+        next.attempt += 1;
+        next
+    }
+
+    /// Identifies the content being labelled, whatever message or batch carries it.
+    pub fn content_key(&self) -> (&str, &str, &str) {
+        (&self.bucket, &self.key, &self.etag)
+    }
 }
 
 /// Why one attempt at an image failed.
@@ -102,6 +135,12 @@ impl Layout {
             .filter(|r| !r.is_empty())
     }
 
+    /// The key below the input prefix, or the whole key for an object outside it (one a
+    /// backfill queued from elsewhere in the bucket).
+    pub fn relative_or_key<'k>(&self, key: &'k str) -> &'k str {
+        self.relative(key).unwrap_or(key)
+    }
+
     pub fn label_key(&self, relative: &str) -> String {
         format!("labels/{relative}.json")
     }
@@ -109,4 +148,107 @@ impl Layout {
     pub fn failed_key(&self, relative: &str) -> String {
         format!("failed/{relative}.json")
     }
+}
+
+/// Where the pipeline keeps its own state in the bucket.
+pub mod state_keys {
+    /// A batch's manifest, named before the batch exists.
+    pub fn manifest(name: &str) -> String {
+        format!("state/manifests/{name}.json")
+    }
+
+    /// The record of one provider batch.
+    pub fn batch(batch_id: &str) -> String {
+        format!("state/batches/{}.json", safe_segment(batch_id))
+    }
+
+    pub const OPEN_PREFIX: &str = "state/open/";
+
+    /// An empty marker present while a batch is open; reconciliation lists these.
+    pub fn open_marker(batch_id: &str) -> String {
+        format!("{OPEN_PREFIX}{}", safe_segment(batch_id))
+    }
+
+    /// The batch id an open marker stands for.
+    pub fn batch_id_of_marker(key: &str) -> Option<String> {
+        let segment = key.strip_prefix(OPEN_PREFIX)?;
+        percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .ok()
+            .map(|s| s.into_owned())
+    }
+
+    /// One JSONL of a batch's results.
+    pub fn results(batch_id: &str) -> String {
+        format!("results/{}.jsonl", safe_segment(batch_id))
+    }
+
+    /// Provider ids are usually `batch_abc`, but nothing promises that: escape anything
+    /// that is not plainly safe in a key.
+    fn safe_segment(id: &str) -> String {
+        const SAFE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'_')
+            .remove(b'.');
+        percent_encoding::utf8_percent_encode(id, SAFE).to_string()
+    }
+}
+
+/// The items of one batch input file, written before the file is uploaded, so that
+/// whatever comes back can be traced to its image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Unique per input file: `<submission id>-<file index>`.
+    pub name: String,
+    pub submission_id: String,
+    pub task: TaskRef,
+    pub model: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// custom_id → the image it asks about.
+    pub items: std::collections::BTreeMap<String, PendingItem>,
+}
+
+/// Where a batch is in shotlabel's eyes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchPhase {
+    Open,
+    Harvested,
+}
+
+/// What a harvest did with a batch's items.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HarvestCounts {
+    pub labelled: u64,
+    pub retried: u64,
+    pub failed: u64,
+    /// Answers for images already labelled by another batch (after a crash or a
+    /// duplicate event), not written.
+    pub duplicates: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// The state record of one provider batch: `state/batches/<batch id>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub batch_id: String,
+    pub manifest: String,
+    pub submission_id: String,
+    pub input_file_id: String,
+    pub requests: u64,
+    pub bytes: u64,
+    pub task: TaskRef,
+    pub model: String,
+    pub phase: BatchPhase,
+    /// Unix seconds.
+    pub submitted_at: u64,
+    /// The provider's status when last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harvest: Option<HarvestCounts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harvested_at: Option<u64>,
 }

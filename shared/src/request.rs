@@ -95,6 +95,8 @@ pub struct BatchFileWriter {
     limits: BatchLimits,
     current: Option<OpenFile>,
     finished: Vec<BatchFile>,
+    /// Files already returned by `take_finished`; keeps file names and indices unique.
+    handed_over: usize,
 }
 
 impl std::fmt::Debug for BatchFileWriter {
@@ -119,6 +121,7 @@ impl BatchFileWriter {
             limits,
             current: None,
             finished: Vec::new(),
+            handed_over: 0,
         })
     }
 
@@ -142,7 +145,7 @@ impl BatchFileWriter {
         if self.current.is_none() {
             self.open_next()?;
         }
-        let index = self.finished.len();
+        let index = self.handed_over + self.finished.len();
         let Some(open) = self.current.as_mut() else {
             return Err(RequestFileError::BadLimits);
         };
@@ -159,16 +162,30 @@ impl BatchFileWriter {
         Ok(index)
     }
 
-    /// Flushes and returns every file written, in order.
+    /// The files completed so far (a later line did not fit), handed over once each, so
+    /// a caller can submit a full file while the next one is being written.
+    pub fn take_finished(&mut self) -> Vec<BatchFile> {
+        self.handed_over += self.finished.len();
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Flushes and returns every file not yet handed over, in order.
     pub fn finish(mut self) -> Result<Vec<BatchFile>, RequestFileError> {
         self.close_current()?;
         Ok(self.finished)
     }
 
+    /// Ends the file being written, so that `take_finished` hands it over too.
+    pub fn close(&mut self) -> Result<(), RequestFileError> {
+        self.close_current()
+    }
+
     fn open_next(&mut self) -> Result<(), RequestFileError> {
-        let path = self
-            .dir
-            .join(format!("{}-{}.jsonl", self.prefix, self.finished.len()));
+        let path = self.dir.join(format!(
+            "{}-{}.jsonl",
+            self.prefix,
+            self.handed_over + self.finished.len()
+        ));
         let file = File::create(&path).map_err(|source| RequestFileError::Io {
             path: path.display().to_string(),
             source,

@@ -1,19 +1,14 @@
-//! The `submit` Lambda function: drains the pending queue, prepares images and submits batches.
-//!
-//! Its handler is not built yet (issue 3). Until then every invocation fails loudly, so
-//! that a deployed stack never drops an event silently: Lambda retries it and, past the
-//! retry limit, it lands in the dead-letter queue.
+//! The `submit` Lambda function: on a schedule, drain the pending queue into batches.
 
 use lambda_runtime::{Error, LambdaEvent, run, service_fn, tracing};
-use serde_json::Value;
-
-async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
-    tracing::error!(request_id = %event.context.request_id, "the submit handler is not built yet");
-    Err("the submit handler is not built yet (issue 3)".into())
-}
+use submit::{Handler, handle};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     tracing::init_default_subscriber();
-    run(service_fn(handler)).await
+    let handler = Handler::from_env().await?;
+    run(service_fn(|event: LambdaEvent<serde_json::Value>| {
+        handle(&handler, event.payload)
+    }))
+    .await
 }

@@ -449,6 +449,24 @@ fn encode_segment(id: &str) -> String {
         .replace('+', "%20")
 }
 
+impl crate::ports::BatchProvider for BatchClient {
+    async fn upload(&self, path: &Path) -> Result<FileObject, BatchApiError> {
+        self.upload_file(path).await
+    }
+
+    async fn create(&self, request: &CreateBatchRequest) -> Result<Batch, BatchApiError> {
+        self.create_batch(request).await
+    }
+
+    async fn retrieve(&self, batch_id: &str) -> Result<Batch, BatchApiError> {
+        self.retrieve_batch(batch_id).await
+    }
+
+    async fn open_file(&self, file_id: &str) -> Result<crate::ports::LineReader, BatchApiError> {
+        Ok(Box::pin(self.file_reader(file_id).await?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

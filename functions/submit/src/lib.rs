@@ -1,0 +1,151 @@
+//! The submit handler: on each scheduled run, drain the pending queue into batches.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shotlabel_shared::SecretString;
+use shotlabel_shared::aws::{S3Store, SqsQueue, load_sdk_config, s3_client, sqs_client};
+use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient};
+use shotlabel_shared::ports::{BatchProvider, ObjectStore, Queue};
+use shotlabel_shared::prepare::DecodeLimits;
+use shotlabel_shared::records::Layout;
+use shotlabel_shared::request::BatchLimits;
+use shotlabel_shared::settings::{self, SettingsError};
+use shotlabel_shared::submit::{PerBatchWebhook, SubmitConfig, SubmitReport, run_submit};
+
+/// Clients and settings, built once per cold start.
+#[derive(Debug)]
+pub struct Handler<S = S3Store, Q = SqsQueue, P = BatchClient> {
+    pub store: S,
+    pub queue: Q,
+    pub provider: P,
+    pub config: SubmitConfig,
+}
+
+impl Handler {
+    pub async fn from_env() -> Result<Self, lambda_runtime::Error> {
+        let sdk = load_sdk_config().await;
+        Ok(Self {
+            store: S3Store::new(s3_client(&sdk)),
+            queue: SqsQueue::new(sqs_client(&sdk)),
+            provider: provider_from_env()?,
+            config: config_from_env()?,
+        })
+    }
+}
+
+/// The provider client from `SHOTLABEL_PROVIDER_URL` and `SHOTLABEL_API_KEY`.
+pub fn provider_from_env() -> Result<BatchClient, lambda_runtime::Error> {
+    let base_url = settings::required(
+        "SHOTLABEL_PROVIDER_URL",
+        "the provider's Batch API root, e.g. https://api.openai.com/v1",
+    )?;
+    let api_key = settings::required("SHOTLABEL_API_KEY", "the provider's API key")?;
+    let config = BatchApiConfig::new(&base_url, SecretString::from(api_key))?;
+    Ok(BatchClient::new(config)?)
+}
+
+fn seconds(name: &'static str, default: u64) -> Result<Duration, SettingsError> {
+    Ok(Duration::from_secs(settings::number_or(name, default)?))
+}
+
+pub fn config_from_env() -> Result<SubmitConfig, SettingsError> {
+    let defaults = BatchLimits::default();
+    let decode = DecodeLimits::default();
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per_batch_webhook = match settings::optional("SHOTLABEL_WEBHOOK_MODE").as_deref() {
+        Some("per-batch") => {
+            let url = settings::required(
+                "SHOTLABEL_WEBHOOK_URL",
+                "the webhook's public URL, for per-batch webhook mode",
+            )?;
+            let base_url = url::Url::parse(&url).map_err(|_| SettingsError::Invalid {
+                name: "SHOTLABEL_WEBHOOK_URL",
+                value: url.clone(),
+                what: "an https URL",
+            })?;
+            let secret = settings::required(
+                "SHOTLABEL_WEBHOOK_SECRET",
+                "the secret that signs per-batch webhook URLs",
+            )?;
+            Some(PerBatchWebhook {
+                base_url,
+                secret: SecretString::from(secret),
+            })
+        }
+        None | Some("standard") | Some("none") => None,
+        Some(other) => {
+            return Err(SettingsError::Invalid {
+                name: "SHOTLABEL_WEBHOOK_MODE",
+                value: other.to_owned(),
+                what: "standard, per-batch or none",
+            });
+        }
+    };
+    Ok(SubmitConfig {
+        bucket: settings::required("SHOTLABEL_BUCKET", "the bucket shotlabel works in")?,
+        layout: Layout::new(&settings::input_prefix()),
+        pending_queue_url: settings::required(
+            "SHOTLABEL_PENDING_QUEUE_URL",
+            "the URL of the pending SQS queue",
+        )?,
+        task: Arc::new(settings::task()?),
+        limits: BatchLimits {
+            max_requests: settings::number_or(
+                "SHOTLABEL_MAX_BATCH_REQUESTS",
+                defaults.max_requests as u64,
+            )? as usize,
+            max_bytes: settings::number_or("SHOTLABEL_MAX_BATCH_BYTES", defaults.max_bytes)?,
+        },
+        decode_limits: DecodeLimits {
+            max_bytes: settings::number_or("SHOTLABEL_MAX_OBJECT_BYTES", decode.max_bytes)?,
+            max_pixels: settings::number_or("SHOTLABEL_MAX_IMAGE_PIXELS", decode.max_pixels)?,
+        },
+        time_budget: seconds("SHOTLABEL_SUBMIT_BUDGET_SECONDS", 240)?,
+        visibility_timeout: seconds("SHOTLABEL_SUBMIT_VISIBILITY_SECONDS", 900)?,
+        receive_wait: seconds("SHOTLABEL_RECEIVE_WAIT_SECONDS", 1)?,
+        max_images: settings::number_or("SHOTLABEL_MAX_IMAGES_PER_RUN", 0)? as usize,
+        concurrency: settings::number_or("SHOTLABEL_CONCURRENCY", cpus as u64)? as usize,
+        work_dir: settings::optional("SHOTLABEL_WORK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir),
+        completion_window: settings::optional("SHOTLABEL_COMPLETION_WINDOW")
+            .unwrap_or_else(|| "24h".into()),
+        per_batch_webhook,
+    })
+}
+
+/// Handles one scheduled run (the event's content does not matter). Errors after the
+/// run has done what it could, so that they show in the function's error metric.
+pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
+    handler: &Handler<S, Q, P>,
+    _event: serde_json::Value,
+) -> Result<SubmitReport, lambda_runtime::Error> {
+    let report = run_submit(
+        &handler.store,
+        &handler.queue,
+        &handler.provider,
+        &handler.config,
+    )
+    .await?;
+    tracing::info!(
+        submission = %report.submission_id,
+        received = report.received,
+        prepared = report.prepared,
+        failed = report.failed,
+        superseded = report.superseded,
+        deferred = report.deferred,
+        batches = report.batches.len(),
+        unsubmitted = report.unsubmitted,
+        "submit run finished"
+    );
+    if let Some(first) = report.errors.first() {
+        return Err(format!(
+            "{} error(s) in this run; the first: {first}",
+            report.errors.len()
+        )
+        .into());
+    }
+    Ok(report)
+}
