@@ -154,6 +154,7 @@ impl ObjectStore for S3Store {
             .key(key)
             .content_type(content_type)
             .body(aws_sdk_s3::primitives::ByteStream::from(body));
+        let expects_object = matches!(condition, WriteCondition::IfMatch(_));
         request = match condition {
             WriteCondition::Overwrite => request,
             WriteCondition::IfAbsent => request.if_none_match("*"),
@@ -166,7 +167,11 @@ impl ObjectStore for S3Store {
                 .map(strip_quotes)
                 .unwrap_or_default()),
             // 412 Precondition Failed, or 409 when a concurrent conditional write won.
-            Err(e) if matches!(http_status(&e), Some(412 | 409)) => {
+            // 404 when an If-Match write finds the object gone: the condition failed too.
+            Err(e)
+                if matches!(http_status(&e), Some(412 | 409))
+                    || (expects_object && http_status(&e) == Some(404)) =>
+            {
                 Err(StoreError::ConditionFailed {
                     bucket: bucket.into(),
                     key: key.into(),

@@ -8,6 +8,7 @@ pub mod aws;
 pub mod batch_api;
 pub mod batch_token;
 pub mod enqueue;
+pub mod harvest;
 pub mod ports;
 pub mod prepare;
 pub mod records;
@@ -17,5 +18,6 @@ pub mod settings;
 pub mod standard_webhooks;
 pub mod submit;
 pub mod task;
+pub mod webhook;
 
 pub use secrecy::SecretString;

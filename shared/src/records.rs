@@ -162,6 +162,22 @@ pub mod state_keys {
         format!("state/batches/{}.json", safe_segment(batch_id))
     }
 
+    /// The batch id created for a manifest: how a per-batch webhook, which names only
+    /// its manifest, finds its batch.
+    pub fn manifest_batch(name: &str) -> String {
+        format!("state/manifest-batch/{name}")
+    }
+
+    /// A webhook delivery already accepted (deduplication of at-least-once delivery).
+    pub fn delivery(digest: &str) -> String {
+        format!("state/deliveries/{digest}")
+    }
+
+    /// The retries a harvest decided for a batch, written before they are sent.
+    pub fn retries(batch_id: &str) -> String {
+        format!("state/retries/{}.json", safe_segment(batch_id))
+    }
+
     pub const OPEN_PREFIX: &str = "state/open/";
 
     /// An empty marker present while a batch is open; reconciliation lists these.
@@ -251,4 +267,47 @@ pub struct BatchRecord {
     pub harvest: Option<HarvestCounts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub harvested_at: Option<u64>,
+}
+
+/// A message on the harvest queue: a batch that may have finished. Either field may be
+/// missing (a per-batch webhook knows its manifest; a signed event knows the batch id).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HarvestRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// What asked for it: `webhook`, `reconcile`, an operator.
+    #[serde(default)]
+    pub origin: String,
+}
+
+/// Where a label came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub batch_id: String,
+    pub custom_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::answer::Usage>,
+}
+
+/// The labelled result of one image: `labels/<key below the input prefix>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelRecord {
+    pub status: String,
+    /// The answer, valid against the task's schema.
+    pub label: serde_json::Value,
+    pub source: SourceRef,
+    pub task: TaskRef,
+    /// The model that answered, as the provider reported it.
+    pub model: String,
+    pub provenance: Provenance,
+    /// 0 when labelled at the first try.
+    pub attempt: u32,
+    /// Unix seconds.
+    pub labelled_at: u64,
 }

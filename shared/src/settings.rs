@@ -42,6 +42,16 @@ pub fn number_or(name: &'static str, default: u64) -> Result<u64, SettingsError>
     }
 }
 
+/// A count that must fit in a `u32` (a retry limit, say).
+pub fn small_number(name: &'static str, default: u32) -> Result<u32, SettingsError> {
+    let value = number_or(name, u64::from(default))?;
+    u32::try_from(value).map_err(|_| SettingsError::Invalid {
+        name,
+        value: value.to_string(),
+        what: "a whole number below 4294967296",
+    })
+}
+
 pub fn flag(name: &'static str) -> Result<bool, SettingsError> {
     match optional(name).map(|v| v.trim().to_ascii_lowercase()) {
         None => Ok(false),
@@ -71,4 +81,20 @@ pub fn input_prefix() -> String {
     } else {
         format!("{prefix}/")
     }
+}
+
+/// The harvest's settings, shared by the webhook's harvest handler and the submitter's
+/// reconciliation: `SHOTLABEL_BUCKET`, `SHOTLABEL_PENDING_QUEUE_URL`,
+/// `SHOTLABEL_MAX_RETRIES` (default 3), the task and the input prefix.
+pub fn harvest_config() -> Result<crate::harvest::HarvestConfig, SettingsError> {
+    Ok(crate::harvest::HarvestConfig {
+        bucket: required("SHOTLABEL_BUCKET", "the bucket shotlabel works in")?,
+        layout: crate::records::Layout::new(&input_prefix()),
+        pending_queue_url: required(
+            "SHOTLABEL_PENDING_QUEUE_URL",
+            "the URL of the pending SQS queue",
+        )?,
+        task: std::sync::Arc::new(task()?),
+        max_retries: small_number("SHOTLABEL_MAX_RETRIES", 3)?,
+    })
 }

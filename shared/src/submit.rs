@@ -509,6 +509,13 @@ where
         let body = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
         // The batch exists now: from here a failure still leaves it harvestable (its
         // webhook names it, and its metadata names its manifest).
+        put_state(
+            self.store,
+            bucket,
+            &state_keys::manifest_batch(name),
+            batch.id.clone().into_bytes(),
+        )
+        .await?;
         put_state(self.store, bucket, &state_keys::batch(&batch.id), body).await?;
         put_state(
             self.store,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use shotlabel_shared::SecretString;
 use shotlabel_shared::aws::{S3Store, SqsQueue, load_sdk_config, s3_client, sqs_client};
 use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient};
+use shotlabel_shared::harvest::{HarvestConfig, ReconcileReport, reconcile};
 use shotlabel_shared::ports::{BatchProvider, ObjectStore, Queue};
 use shotlabel_shared::prepare::DecodeLimits;
 use shotlabel_shared::records::Layout;
@@ -21,6 +22,9 @@ pub struct Handler<S = S3Store, Q = SqsQueue, P = BatchClient> {
     pub queue: Q,
     pub provider: P,
     pub config: SubmitConfig,
+    pub harvest: HarvestConfig,
+    /// Open batches younger than this are left to their webhook.
+    pub reconcile_min_age: Duration,
 }
 
 impl Handler {
@@ -31,6 +35,8 @@ impl Handler {
             queue: SqsQueue::new(sqs_client(&sdk)),
             provider: provider_from_env()?,
             config: config_from_env()?,
+            harvest: settings::harvest_config()?,
+            reconcile_min_age: seconds("SHOTLABEL_RECONCILE_MIN_AGE_SECONDS", 0)?,
         })
     }
 }
@@ -116,12 +122,36 @@ pub fn config_from_env() -> Result<SubmitConfig, SettingsError> {
     })
 }
 
+/// What one scheduled run did: reconcile open batches, then submit new ones.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub reconcile: ReconcileReport,
+    pub submit: SubmitReport,
+}
+
 /// Handles one scheduled run (the event's content does not matter). Errors after the
 /// run has done what it could, so that they show in the function's error metric.
 pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
     handler: &Handler<S, Q, P>,
     _event: serde_json::Value,
-) -> Result<SubmitReport, lambda_runtime::Error> {
+) -> Result<RunReport, lambda_runtime::Error> {
+    // Reconcile first: a batch that finished without a webhook is harvested, and its
+    // retries are on the queue in time for this run to submit them.
+    let reconciled = reconcile(
+        &handler.store,
+        &handler.queue,
+        &handler.provider,
+        &handler.harvest,
+        handler.reconcile_min_age,
+    )
+    .await;
+    let reconcile = match reconciled {
+        Ok(report) => report,
+        Err(e) => ReconcileReport {
+            errors: vec![format!("listing open batches: {e}")],
+            ..ReconcileReport::default()
+        },
+    };
     let report = run_submit(
         &handler.store,
         &handler.queue,
@@ -130,6 +160,8 @@ pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
     )
     .await?;
     tracing::info!(
+        open_batches = reconcile.open,
+        harvested = reconcile.harvested,
         submission = %report.submission_id,
         received = report.received,
         prepared = report.prepared,
@@ -138,14 +170,14 @@ pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
         deferred = report.deferred,
         batches = report.batches.len(),
         unsubmitted = report.unsubmitted,
-        "submit run finished"
+        "scheduled run finished"
     );
-    if let Some(first) = report.errors.first() {
-        return Err(format!(
-            "{} error(s) in this run; the first: {first}",
-            report.errors.len()
-        )
-        .into());
+    let errors: Vec<&String> = reconcile.errors.iter().chain(&report.errors).collect();
+    if let Some(first) = errors.first() {
+        return Err(format!("{} error(s) in this run; the first: {first}", errors.len()).into());
     }
-    Ok(report)
+    Ok(RunReport {
+        reconcile,
+        submit: report,
+    })
 }

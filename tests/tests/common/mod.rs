@@ -214,3 +214,44 @@ pub async fn release(
     }
     Ok(())
 }
+
+pub fn harvest_config(stack: &Stack) -> anyhow::Result<shotlabel_shared::harvest::HarvestConfig> {
+    Ok(shotlabel_shared::harvest::HarvestConfig {
+        bucket: stack.resources.bucket.clone(),
+        layout: Layout::new(INPUT),
+        pending_queue_url: stack.resources.pending_queue_url.clone(),
+        task: Arc::new(Task::default_task()?),
+        max_retries: 3,
+    })
+}
+
+/// Waits until the provider says the batch is finished, whatever the outcome.
+pub async fn wait_terminal(
+    client: &BatchClient,
+    batch_id: &str,
+) -> anyhow::Result<shotlabel_shared::batch_api::Batch> {
+    let start = std::time::Instant::now();
+    loop {
+        let batch = client.retrieve_batch(batch_id).await?;
+        if batch.status.is_terminal() {
+            return Ok(batch);
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "batch {batch_id} took too long"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every object under a prefix, parsed.
+pub async fn read_all<T: serde::de::DeserializeOwned>(
+    stack: &Stack,
+    prefix: &str,
+) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::new();
+    for key in list(stack, prefix).await? {
+        out.push(read_json(stack, &key).await?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,801 @@
+//! Harvest: a finished batch's output and error files become labels, retries and failed
+//! records. Shared by the webhook's harvest handler and the submitter's reconciliation.
+//!
+//! Idempotent by construction: labels are written with conditional writes and recognise
+//! their own earlier copy; the retries of a batch are planned once in S3 before they are
+//! sent; the state record moves to harvested last. Running it twice, or two at once, or
+//! again after a crash half-way, writes each label once and requeues nothing twice.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+
+use crate::answer::{Answer, LineOutcome, STAGE_PROVIDER, Usage, interpret_line};
+use crate::batch_api::{Batch, BatchStatus, OutputLine};
+use crate::ports::{
+    BatchProvider, MAX_BATCH_MESSAGES, ObjectStore, OutgoingMessage, Queue, StoreError,
+    WriteCondition,
+};
+use crate::records::{
+    BatchPhase, BatchRecord, FailedRecord, HarvestCounts, HarvestRequest, LabelRecord, Layout,
+    Manifest, PendingItem, Provenance, TaskRef, state_keys, unix_now,
+};
+use crate::submit::METADATA_MANIFEST;
+use crate::task::Task;
+
+#[derive(Debug, Clone)]
+pub struct HarvestConfig {
+    /// The bucket that holds manifests, state, labels and failed records.
+    pub bucket: String,
+    pub layout: Layout,
+    pub pending_queue_url: String,
+    pub task: Arc<Task>,
+    /// Retries after the first attempt before an image is failed.
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum HarvestOutcome {
+    /// The provider says the batch is still running; nothing was done.
+    NotFinished { batch_id: String, status: String },
+    /// Harvested before (a duplicate webhook, or reconciliation after a webhook).
+    AlreadyHarvested { batch_id: String },
+    Harvested {
+        batch_id: String,
+        counts: HarvestCounts,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarvestError {
+    #[error("the harvest request names neither a batch nor a known manifest")]
+    Unresolvable,
+    #[error("batch {batch_id} is not one of ours: {reason}")]
+    NotOurs { batch_id: String, reason: String },
+    #[error(
+        "batch {batch_id} was made under task version {batch_version}, this harvester runs {ours}"
+    )]
+    TaskMismatch {
+        batch_id: String,
+        batch_version: String,
+        ours: String,
+    },
+    #[error("batch {batch_id}: another harvest has planned its retries but not sent them yet")]
+    InProgress { batch_id: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] crate::ports::QueueError),
+    #[error(transparent)]
+    Provider(#[from] crate::batch_api::BatchApiError),
+    #[error("reading a batch file: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("encoding: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("the pending queue refused {count} retried item(s)")]
+    Refused { count: usize },
+}
+
+/// Codes of a batch-level failure that resubmitting the same file cannot fix.
+const PERMANENT_BATCH_ERRORS: [&str; 8] = [
+    "invalid_request",
+    "invalid_json_line",
+    "invalid_file",
+    "invalid_file_format",
+    "file_too_large",
+    "too_many_requests_in_file",
+    "model_not_found",
+    "invalid_model",
+];
+
+/// Harvests one batch if the provider says it is finished.
+pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
+    store: &S,
+    queue: &Q,
+    provider: &P,
+    config: &HarvestConfig,
+    request: &HarvestRequest,
+) -> Result<HarvestOutcome, HarvestError> {
+    let bucket = &config.bucket;
+    let batch_id = resolve_batch_id(store, bucket, request).await?;
+    let record = read_json::<S, BatchRecord>(store, bucket, &state_keys::batch(&batch_id)).await?;
+    if let Some((record, _)) = &record
+        && record.phase == BatchPhase::Harvested
+    {
+        remove_open_marker(store, bucket, &batch_id).await;
+        return Ok(HarvestOutcome::AlreadyHarvested { batch_id });
+    }
+
+    // Never trust a webhook's payload: the provider's word decides.
+    let batch = provider.retrieve(&batch_id).await?;
+    if !batch.status.is_terminal() {
+        return Ok(HarvestOutcome::NotFinished {
+            batch_id,
+            status: batch.status.to_string(),
+        });
+    }
+    let manifest_name = batch
+        .metadata
+        .get(METADATA_MANIFEST)
+        .cloned()
+        .or_else(|| record.as_ref().map(|(r, _)| r.manifest.clone()))
+        .or_else(|| request.manifest.clone())
+        .ok_or_else(|| HarvestError::NotOurs {
+            batch_id: batch_id.clone(),
+            reason: "it names no manifest".into(),
+        })?;
+    let Some((manifest, _)) =
+        read_json::<S, Manifest>(store, bucket, &state_keys::manifest(&manifest_name)).await?
+    else {
+        return Err(HarvestError::NotOurs {
+            batch_id,
+            reason: format!("there is no manifest {manifest_name}"),
+        });
+    };
+    if manifest.task.version != config.task.version() {
+        return Err(HarvestError::TaskMismatch {
+            batch_id,
+            batch_version: manifest.task.version,
+            ours: config.task.version().to_owned(),
+        });
+    }
+
+    let mut run = BatchHarvest {
+        store,
+        config,
+        batch: &batch,
+        manifest: &manifest,
+        seen: HashSet::new(),
+        counts: HarvestCounts::default(),
+        results: Vec::new(),
+        retries: Vec::new(),
+    };
+    for file_id in [&batch.output_file_id, &batch.error_file_id]
+        .into_iter()
+        .flatten()
+    {
+        run.read_file(provider, file_id).await?;
+    }
+    run.settle_missing().await?;
+    let BatchHarvest {
+        mut counts,
+        results,
+        retries,
+        ..
+    } = run;
+    let (retried, failed) = requeue(store, queue, config, &batch_id, retries).await?;
+    counts.retried += retried;
+    counts.failed += failed;
+
+    store
+        .put(
+            bucket,
+            &state_keys::results(&batch_id),
+            results,
+            "application/x-ndjson",
+            WriteCondition::Overwrite,
+        )
+        .await?;
+    finish_record(store, config, &batch, &manifest, record, counts).await?;
+    remove_open_marker(store, bucket, &batch_id).await;
+    tracing::info!(%batch_id, status = %batch.status, labelled = counts.labelled,
+        retried = counts.retried, failed = counts.failed, duplicates = counts.duplicates,
+        "batch harvested");
+    Ok(HarvestOutcome::Harvested { batch_id, counts })
+}
+
+/// What reconciliation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    pub open: usize,
+    pub harvested: usize,
+    pub still_running: usize,
+    pub skipped_young: usize,
+    pub errors: Vec<String>,
+}
+
+/// Asks the provider about every open batch submitted at least `min_age` ago and
+/// harvests those that finished: a lost webhook costs latency, never data.
+pub async fn reconcile<S: ObjectStore, Q: Queue, P: BatchProvider>(
+    store: &S,
+    queue: &Q,
+    provider: &P,
+    config: &HarvestConfig,
+    min_age: Duration,
+) -> Result<ReconcileReport, HarvestError> {
+    let mut report = ReconcileReport::default();
+    let now = unix_now();
+    for key in store.list(&config.bucket, state_keys::OPEN_PREFIX).await? {
+        let Some(batch_id) = state_keys::batch_id_of_marker(&key) else {
+            continue;
+        };
+        report.open += 1;
+        if !min_age.is_zero() {
+            let record =
+                read_json::<S, BatchRecord>(store, &config.bucket, &state_keys::batch(&batch_id))
+                    .await?;
+            if let Some((record, _)) = record
+                && now.saturating_sub(record.submitted_at) < min_age.as_secs()
+            {
+                report.skipped_young += 1;
+                continue;
+            }
+        }
+        let request = HarvestRequest {
+            batch_id: Some(batch_id.clone()),
+            manifest: None,
+            origin: "reconcile".into(),
+        };
+        match harvest(store, queue, provider, config, &request).await {
+            Ok(HarvestOutcome::NotFinished { .. }) => report.still_running += 1,
+            Ok(_) => report.harvested += 1,
+            Err(e) => report.errors.push(format!("{batch_id}: {e}")),
+        }
+    }
+    Ok(report)
+}
+
+async fn resolve_batch_id<S: ObjectStore>(
+    store: &S,
+    bucket: &str,
+    request: &HarvestRequest,
+) -> Result<String, HarvestError> {
+    if let Some(id) = request.batch_id.as_deref().filter(|id| !id.is_empty()) {
+        return Ok(id.to_owned());
+    }
+    let Some(manifest) = request.manifest.as_deref() else {
+        return Err(HarvestError::Unresolvable);
+    };
+    match store
+        .get(bucket, &state_keys::manifest_batch(manifest))
+        .await
+    {
+        Ok(object) => String::from_utf8(object.body)
+            .ok()
+            .filter(|id| !id.is_empty())
+            .ok_or(HarvestError::Unresolvable),
+        Err(StoreError::NotFound { .. }) => Err(HarvestError::Unresolvable),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A JSON object and its etag, or `None` when absent.
+async fn read_json<S: ObjectStore, T: serde::de::DeserializeOwned>(
+    store: &S,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<(T, String)>, HarvestError> {
+    match store.get(bucket, key).await {
+        Ok(object) => Ok(Some((serde_json::from_slice(&object.body)?, object.etag))),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn remove_open_marker<S: ObjectStore>(store: &S, bucket: &str, batch_id: &str) {
+    if let Err(e) = store
+        .delete(bucket, &state_keys::open_marker(batch_id))
+        .await
+    {
+        // Reconciliation will find the batch harvested and try again.
+        tracing::warn!(%batch_id, error = %e, "cannot remove the open marker");
+    }
+}
+
+/// Moves the state record to harvested, creating it if the submitter crashed before
+/// writing it. A lost race means another harvest finished the same batch: fine.
+async fn finish_record<S: ObjectStore>(
+    store: &S,
+    config: &HarvestConfig,
+    batch: &Batch,
+    manifest: &Manifest,
+    record: Option<(BatchRecord, String)>,
+    counts: HarvestCounts,
+) -> Result<(), HarvestError> {
+    let (mut next, condition) = match record {
+        Some((record, etag)) => (record, WriteCondition::IfMatch(etag)),
+        None => (
+            BatchRecord {
+                batch_id: batch.id.clone(),
+                manifest: manifest.name.clone(),
+                submission_id: manifest.submission_id.clone(),
+                input_file_id: batch.input_file_id.clone().unwrap_or_default(),
+                requests: manifest.items.len() as u64,
+                bytes: 0,
+                task: manifest.task.clone(),
+                model: manifest.model.clone(),
+                phase: BatchPhase::Open,
+                submitted_at: manifest.created_at,
+                provider_status: None,
+                harvest: None,
+                harvested_at: None,
+            },
+            WriteCondition::IfAbsent,
+        ),
+    };
+    next.phase = BatchPhase::Harvested;
+    next.provider_status = Some(batch.status.to_string());
+    next.harvest = Some(counts);
+    next.harvested_at = Some(unix_now());
+    let body = serde_json::to_vec_pretty(&next)?;
+    match store
+        .put(
+            &config.bucket,
+            &state_keys::batch(&batch.id),
+            body,
+            "application/json",
+            condition,
+        )
+        .await
+    {
+        Ok(_) | Err(StoreError::ConditionFailed { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A retry decided during a harvest: the item one attempt later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RetryPlan {
+    items: Vec<PendingItem>,
+    sent: bool,
+}
+
+/// Requeues the retries of a batch exactly once: the plan is written to S3 before it is
+/// sent and marked sent after, so a second harvest reuses the first one's decision.
+/// Returns (requeued, failed).
+async fn requeue<S: ObjectStore, Q: Queue>(
+    store: &S,
+    queue: &Q,
+    config: &HarvestConfig,
+    batch_id: &str,
+    retries: Vec<PendingItem>,
+) -> Result<(u64, u64), HarvestError> {
+    let (requeue, exhausted): (Vec<_>, Vec<_>) = retries
+        .into_iter()
+        .partition(|item| item.attempt <= config.max_retries);
+    for item in &exhausted {
+        write_failed(store, config, item, item.reasons.clone()).await?;
+    }
+    if requeue.is_empty() {
+        return Ok((0, exhausted.len() as u64));
+    }
+    let key = state_keys::retries(batch_id);
+    let plan = RetryPlan {
+        items: requeue,
+        sent: false,
+    };
+    let (plan, etag) = match store
+        .put(
+            &config.bucket,
+            &key,
+            serde_json::to_vec(&plan)?,
+            "application/json",
+            WriteCondition::IfAbsent,
+        )
+        .await
+    {
+        Ok(etag) => (plan, etag),
+        Err(StoreError::ConditionFailed { .. }) => {
+            let Some((earlier, etag)) =
+                read_json::<S, RetryPlan>(store, &config.bucket, &key).await?
+            else {
+                return Err(HarvestError::InProgress {
+                    batch_id: batch_id.to_owned(),
+                });
+            };
+            if earlier.sent {
+                return Ok((earlier.items.len() as u64, exhausted.len() as u64));
+            }
+            (earlier, etag)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    send_items(queue, &config.pending_queue_url, &plan.items).await?;
+    let sent = RetryPlan {
+        items: plan.items,
+        sent: true,
+    };
+    let count = sent.items.len() as u64;
+    match store
+        .put(
+            &config.bucket,
+            &key,
+            serde_json::to_vec(&sent)?,
+            "application/json",
+            WriteCondition::IfMatch(etag),
+        )
+        .await
+    {
+        Ok(_) | Err(StoreError::ConditionFailed { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok((count, exhausted.len() as u64))
+}
+
+async fn send_items<Q: Queue>(
+    queue: &Q,
+    queue_url: &str,
+    items: &[PendingItem],
+) -> Result<(), HarvestError> {
+    for chunk in items.chunks(MAX_BATCH_MESSAGES) {
+        let mut messages = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                Ok(OutgoingMessage {
+                    id: i.to_string(),
+                    body: serde_json::to_string(item)?,
+                })
+            })
+            .collect::<Result<Vec<_>, serde_json::Error>>()?;
+        for round in 0..4u32 {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(100 << round)).await;
+            }
+            let refused = queue.send_batch(queue_url, &messages).await?;
+            messages.retain(|m| refused.contains(&m.id));
+            if messages.is_empty() {
+                break;
+            }
+        }
+        if !messages.is_empty() {
+            return Err(HarvestError::Refused {
+                count: messages.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn write_failed<S: ObjectStore>(
+    store: &S,
+    config: &HarvestConfig,
+    item: &PendingItem,
+    reasons: Vec<crate::records::AttemptReason>,
+) -> Result<(), HarvestError> {
+    let relative = config.layout.relative_or_key(&item.key);
+    let record = FailedRecord::new(item.source(), task_ref(&config.task), reasons);
+    store
+        .put(
+            &item.bucket,
+            &config.layout.failed_key(relative),
+            serde_json::to_vec_pretty(&record)?,
+            "application/json",
+            WriteCondition::Overwrite,
+        )
+        .await?;
+    Ok(())
+}
+
+fn task_ref(task: &Task) -> TaskRef {
+    TaskRef {
+        name: task.name().to_owned(),
+        version: task.version().to_owned(),
+    }
+}
+
+/// How writing one label ended.
+enum LabelWrite {
+    Written,
+    /// This very answer was written before (a repeated harvest).
+    AlreadyOurs,
+    /// Another batch's answer for the same content and task version is there already.
+    Duplicate,
+    /// The object changed after this item was queued; its newer content has its own run.
+    Superseded,
+}
+
+struct BatchHarvest<'a, S> {
+    store: &'a S,
+    config: &'a HarvestConfig,
+    batch: &'a Batch,
+    manifest: &'a Manifest,
+    seen: HashSet<String>,
+    counts: HarvestCounts,
+    /// `results/<batch id>.jsonl`, one line per item.
+    results: Vec<u8>,
+    /// Items to go round again, already one attempt later.
+    retries: Vec<PendingItem>,
+}
+
+impl<S: ObjectStore> BatchHarvest<'_, S> {
+    /// Streams one output or error file line by line.
+    async fn read_file<P: BatchProvider>(
+        &mut self,
+        provider: &P,
+        file_id: &str,
+    ) -> Result<(), HarvestError> {
+        let mut lines = provider.open_file(file_id).await?.lines();
+        while let Some(line) = lines.next_line().await? {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let parsed: OutputLine = match serde_json::from_str(&line) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    // Its item is not marked seen, so it goes round again below.
+                    tracing::warn!(batch_id = %self.batch.id, error = %e, "an output line is not JSON");
+                    continue;
+                }
+            };
+            let Some(item) = self.manifest.items.get(&parsed.custom_id) else {
+                tracing::warn!(batch_id = %self.batch.id, custom_id = %parsed.custom_id,
+                    "an output line names no item of the manifest");
+                continue;
+            };
+            if !self.seen.insert(parsed.custom_id.clone()) {
+                continue;
+            }
+            let outcome = interpret_line(&parsed, &self.config.task);
+            self.add_usage(outcome.usage());
+            match outcome {
+                LineOutcome::Answer(answer) => {
+                    self.label(&parsed.custom_id, item, answer).await?;
+                }
+                LineOutcome::Retry(retry) => {
+                    self.retry(&parsed.custom_id, item, retry.stage, retry.reason)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_usage(&mut self, usage: Option<&Usage>) {
+        if let Some(usage) = usage {
+            self.counts.prompt_tokens += usage.prompt_tokens;
+            self.counts.completion_tokens += usage.completion_tokens;
+        }
+    }
+
+    /// Items in neither file: what became of them depends on how the batch ended.
+    async fn settle_missing(&mut self) -> Result<(), HarvestError> {
+        let (reason, permanent) = match &self.batch.status {
+            BatchStatus::Failed => {
+                let summary = self
+                    .batch
+                    .error_summary()
+                    .unwrap_or_else(|| "no reason given".into());
+                let codes: Vec<&str> = self
+                    .batch
+                    .errors
+                    .iter()
+                    .flat_map(|e| &e.data)
+                    .filter_map(|e| e.code.as_deref())
+                    .collect();
+                let permanent =
+                    !codes.is_empty() && codes.iter().all(|c| PERMANENT_BATCH_ERRORS.contains(c));
+                (
+                    format!("the provider failed the batch: {summary}"),
+                    permanent,
+                )
+            }
+            BatchStatus::Expired => (
+                "the batch expired before this request was processed".to_owned(),
+                false,
+            ),
+            BatchStatus::Cancelled => (
+                "the batch was cancelled before this request was processed".to_owned(),
+                false,
+            ),
+            _ => (
+                "the request is in neither the output nor the error file".to_owned(),
+                false,
+            ),
+        };
+        let missing: Vec<(String, PendingItem)> = self
+            .manifest
+            .items
+            .iter()
+            .filter(|(id, _)| !self.seen.contains(*id))
+            .map(|(id, item)| (id.clone(), item.clone()))
+            .collect();
+        for (id, item) in missing {
+            if permanent {
+                let next = item.next_attempt(STAGE_PROVIDER, reason.clone());
+                if self.already_labelled(&item).await? {
+                    self.counts.duplicates += 1;
+                    self.result(&id, &item, json!({"outcome": "duplicate"}));
+                    continue;
+                }
+                write_failed(self.store, self.config, &item, next.reasons).await?;
+                self.counts.failed += 1;
+                self.result(&id, &item, json!({"outcome": "failed", "reason": reason}));
+            } else {
+                self.retry(&id, &item, STAGE_PROVIDER, reason.clone())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn result(&mut self, custom_id: &str, item: &PendingItem, mut outcome: Value) {
+        outcome["custom_id"] = json!(custom_id);
+        outcome["key"] = json!(item.key);
+        outcome["attempt"] = json!(item.attempt);
+        self.results
+            .extend_from_slice(outcome.to_string().as_bytes());
+        self.results.push(b'\n');
+    }
+
+    async fn retry(
+        &mut self,
+        custom_id: &str,
+        item: &PendingItem,
+        stage: &str,
+        reason: String,
+    ) -> Result<(), HarvestError> {
+        // An image labelled by another batch meanwhile needs nothing more.
+        if self.already_labelled(item).await? {
+            self.counts.duplicates += 1;
+            self.result(custom_id, item, json!({"outcome": "duplicate"}));
+            return Ok(());
+        }
+        let next = item.next_attempt(stage, reason.clone());
+        let outcome = if next.attempt <= self.config.max_retries {
+            "retry"
+        } else {
+            "failed"
+        };
+        self.result(
+            custom_id,
+            item,
+            json!({"outcome": outcome, "stage": stage, "reason": reason}),
+        );
+        self.retries.push(next);
+        Ok(())
+    }
+
+    /// True when a label for this exact content and task version exists.
+    async fn already_labelled(&self, item: &PendingItem) -> Result<bool, HarvestError> {
+        let key = self.label_key(item);
+        Ok(read_json::<S, Value>(self.store, &item.bucket, &key)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|(label, _)| self.same_content(&label, item)))
+    }
+
+    fn same_content(&self, label: &Value, item: &PendingItem) -> bool {
+        label["source"]["etag"].as_str() == Some(item.etag.as_str())
+            && label["task"]["version"].as_str() == Some(self.config.task.version())
+    }
+
+    fn label_key(&self, item: &PendingItem) -> String {
+        self.config
+            .layout
+            .label_key(self.config.layout.relative_or_key(&item.key))
+    }
+
+    async fn label(
+        &mut self,
+        custom_id: &str,
+        item: &PendingItem,
+        answer: Answer,
+    ) -> Result<(), HarvestError> {
+        let record = LabelRecord {
+            status: "labelled".into(),
+            label: answer.label.clone(),
+            source: item.source(),
+            task: task_ref(&self.config.task),
+            model: answer
+                .model
+                .clone()
+                .unwrap_or_else(|| self.manifest.model.clone()),
+            provenance: Provenance {
+                batch_id: self.batch.id.clone(),
+                custom_id: custom_id.to_owned(),
+                request_id: answer.request_id.clone(),
+                finish_reason: answer.finish_reason.clone(),
+                usage: answer.usage,
+            },
+            attempt: item.attempt,
+            labelled_at: unix_now(),
+        };
+        let written = self.write_label(item, &record).await?;
+        let outcome = match written {
+            LabelWrite::Written | LabelWrite::AlreadyOurs => {
+                self.counts.labelled += 1;
+                "labelled"
+            }
+            LabelWrite::Duplicate => {
+                self.counts.duplicates += 1;
+                "duplicate"
+            }
+            LabelWrite::Superseded => "superseded",
+        };
+        self.result(
+            custom_id,
+            item,
+            json!({"outcome": outcome, "label": answer.label}),
+        );
+        Ok(())
+    }
+
+    /// Writes a label unless one for the same content and task version is there. The
+    /// common case (no label yet) costs one conditional PUT.
+    async fn write_label(
+        &self,
+        item: &PendingItem,
+        record: &LabelRecord,
+    ) -> Result<LabelWrite, HarvestError> {
+        let key = self.label_key(item);
+        let body = serde_json::to_vec_pretty(record)?;
+        let first = match &item.replace_label {
+            Some(etag) => WriteCondition::IfMatch(etag.clone()),
+            None => WriteCondition::IfAbsent,
+        };
+        match self
+            .put_label(&item.bucket, &key, body.clone(), first)
+            .await?
+        {
+            true => return Ok(LabelWrite::Written),
+            false => {}
+        }
+        let Some((existing, etag)) = read_json::<S, Value>(self.store, &item.bucket, &key)
+            .await
+            .unwrap_or(None)
+        else {
+            // Deleted in between (or unreadable): try once more from scratch.
+            return Ok(
+                if self
+                    .put_label(&item.bucket, &key, body, WriteCondition::IfAbsent)
+                    .await?
+                {
+                    LabelWrite::Written
+                } else {
+                    LabelWrite::Duplicate
+                },
+            );
+        };
+        let provenance = &existing["provenance"];
+        if provenance["batch_id"].as_str() == Some(record.provenance.batch_id.as_str())
+            && provenance["custom_id"].as_str() == Some(record.provenance.custom_id.as_str())
+        {
+            return Ok(LabelWrite::AlreadyOurs);
+        }
+        if self.same_content(&existing, item) || item.replace_label.is_some() {
+            return Ok(LabelWrite::Duplicate);
+        }
+        // A label for other content or another task version: replace it, but only if
+        // this item's content is still what the object holds.
+        match self.store.head(&item.bucket, &item.key).await? {
+            Some(info) if info.etag == item.etag => {}
+            _ => return Ok(LabelWrite::Superseded),
+        }
+        Ok(
+            if self
+                .put_label(&item.bucket, &key, body, WriteCondition::IfMatch(etag))
+                .await?
+            {
+                LabelWrite::Written
+            } else {
+                LabelWrite::Duplicate
+            },
+        )
+    }
+
+    /// `false` when the condition failed.
+    async fn put_label(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        condition: WriteCondition,
+    ) -> Result<bool, HarvestError> {
+        match self
+            .store
+            .put(bucket, key, body, "application/json", condition)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::ConditionFailed { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
