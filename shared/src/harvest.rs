@@ -730,12 +730,11 @@ impl<S: ObjectStore> BatchHarvest<'_, S> {
             Some(etag) => WriteCondition::IfMatch(etag.clone()),
             None => WriteCondition::IfAbsent,
         };
-        match self
+        if self
             .put_label(&item.bucket, &key, body.clone(), first)
             .await?
         {
-            true => return Ok(LabelWrite::Written),
-            false => {}
+            return Ok(LabelWrite::Written);
         }
         let Some((existing, etag)) = read_json::<S, Value>(self.store, &item.bucket, &key)
             .await

@@ -108,7 +108,10 @@ impl fmt::Debug for WebhookRequest {
         f.debug_struct("WebhookRequest")
             .field("method", &self.method)
             .field("header_names", &header_names)
-            .field("query", &format_args!("[{} bytes redacted]", self.query.len()))
+            .field(
+                "query",
+                &format_args!("[{} bytes redacted]", self.query.len()),
+            )
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -462,7 +465,9 @@ fn standard_target(webhook_id: &str, payload: &Value) -> Result<Option<Target>, 
     let batch_id = payload
         .pointer("/data/id")
         .and_then(scalar_id)
-        .ok_or(Rejection::BadPayload("the batch event has no usable data.id"))?;
+        .ok_or(Rejection::BadPayload(
+            "the batch event has no usable data.id",
+        ))?;
     Ok(Some(Target {
         batch_id: Some(batch_id),
         manifest: None,

@@ -200,3 +200,57 @@ fn each_function_is_built_from_its_folder() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn object_events_under_the_input_prefix_reach_the_events_queue() -> anyhow::Result<()> {
+    let moto = shotlabel_localstack::MotoServer::start().await?;
+    let config = moto.sdk_config().await;
+    let resources = shotlabel_localstack::create_resources(&config, "events-test").await?;
+    let url =
+        shotlabel_localstack::route_object_events(&config, &resources, "events-test", "incoming/")
+            .await?;
+    let s3 = shotlabel_localstack::s3_client(&config);
+    for key in ["incoming/a b.png", "labels/a b.png.json"] {
+        s3.put_object()
+            .bucket(&resources.bucket)
+            .key(key)
+            .body(aws_sdk_s3::primitives::ByteStream::from_static(b"x"))
+            .send()
+            .await?;
+    }
+    let sqs = shotlabel_localstack::sqs_client(&config);
+    let messages = sqs
+        .receive_message()
+        .queue_url(&url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .send()
+        .await?
+        .messages
+        .unwrap_or_default();
+    let events: Vec<aws_lambda_events::event::s3::S3Event> = messages
+        .iter()
+        .filter_map(|m| {
+            shotlabel_localstack::lambda_s3_event(m.body.as_deref().unwrap_or_default())
+        })
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .filter(|e: &aws_lambda_events::event::s3::S3Event| !e.records.is_empty())
+        .collect();
+    assert_eq!(
+        events.len(),
+        1,
+        "only the input prefix notifies: {messages:?}"
+    );
+    let record = &events[0].records[0];
+    let key = shotlabel_shared::s3_key::decode_event_key(
+        record.s3.object.key.as_deref().unwrap_or_default(),
+    )?;
+    assert_eq!(key, "incoming/a b.png");
+    assert!(
+        record
+            .event_name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("ObjectCreated:"))
+    );
+    Ok(())
+}

@@ -451,3 +451,41 @@ async fn provider_429_and_500_are_retried_and_a_dead_provider_loses_nothing() ->
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_scheduled_handler_reconciles_open_batches_then_submits() -> anyhow::Result<()> {
+    let stack = stack("submit-handler").await?;
+    let emulator = emulator(FaultSettings::default()).await?;
+    let paths = files("screenshots")?;
+    enqueue(&stack, put_files(&stack, &paths[..3]).await?).await?;
+    let handler = submit::Handler {
+        store: stack.store.clone(),
+        queue: stack.queue.clone(),
+        provider: client(&emulator, quick_retries(3))?,
+        config: submit_config(&stack, BatchLimits::default())?,
+        harvest: harvest_config(&stack)?,
+        reconcile_min_age: Duration::ZERO,
+    };
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../functions/submit/tests/fixtures/scheduled-event.json"
+    );
+    let event: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture)?)?;
+
+    let first = submit::handle(&handler, event.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(first.reconcile.open, 0);
+    assert_eq!(first.submit.batches.len(), 1);
+    wait_terminal(&handler.provider, &first.submit.batches[0].batch_id).await?;
+
+    // No webhook came: the next scheduled run harvests the batch, and submits new images.
+    enqueue(&stack, put_files(&stack, &paths[3..5]).await?).await?;
+    let second = submit::handle(&handler, event)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!((second.reconcile.open, second.reconcile.harvested), (1, 1));
+    assert_eq!(second.submit.prepared, 2);
+    assert_eq!(list(&stack, "labels/").await?.len(), 3);
+    Ok(())
+}

@@ -3,6 +3,8 @@
 //!
 //! Tests and `shotlabel local` use this; nothing here runs on AWS.
 
+pub mod pipeline;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -285,4 +287,86 @@ fn create_error(resource: &str, error: impl std::error::Error) -> LocalStackErro
         resource: resource.to_owned(),
         detail,
     }
+}
+
+/// Routes the bucket's `ObjectCreated` events under `prefix` to a new SQS queue and
+/// returns its URL. On AWS, S3 invokes the enqueue function directly; locally, a runner
+/// reads this queue and hands each event, exactly as S3 wrote it, to the same handler.
+pub async fn route_object_events(
+    config: &SdkConfig,
+    resources: &LocalResources,
+    stack_name: &str,
+    prefix: &str,
+) -> Result<String, LocalStackError> {
+    use aws_sdk_s3::types::{
+        Event, FilterRule, FilterRuleName, NotificationConfiguration,
+        NotificationConfigurationFilter, QueueConfiguration, S3KeyFilter,
+    };
+    let s3 = s3_client(config);
+    let sqs = sqs_client(config);
+    let name = format!("{stack_name}-object-events");
+    let url = sqs
+        .create_queue()
+        .queue_name(&name)
+        .send()
+        .await
+        .map_err(|e| create_error(&name, e))?
+        .queue_url
+        .unwrap_or_default();
+    let arn = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .map_err(|e| create_error(&name, e))?
+        .attributes
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .unwrap_or_default();
+    let filter = NotificationConfigurationFilter::builder()
+        .key(
+            S3KeyFilter::builder()
+                .filter_rules(
+                    FilterRule::builder()
+                        .name(FilterRuleName::Prefix)
+                        .value(prefix)
+                        .build(),
+                )
+                .build(),
+        )
+        .build();
+    let queue = QueueConfiguration::builder()
+        .queue_arn(arn)
+        .events(Event::S3ObjectCreated)
+        .filter(filter)
+        .build()
+        .map_err(|e| create_error(&name, e))?;
+    s3.put_bucket_notification_configuration()
+        .bucket(&resources.bucket)
+        .notification_configuration(
+            NotificationConfiguration::builder()
+                .queue_configurations(queue)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| create_error(&resources.bucket, e))?;
+    Ok(url)
+}
+
+/// An S3 event notification as moto writes it, with the fields AWS always sends and moto
+/// leaves out (`userIdentity`, `requestParameters`) filled in empty, so it deserializes
+/// as the Lambda event it stands for. `None` for S3's `s3:TestEvent` and non-events.
+pub fn lambda_s3_event(body: &str) -> Option<serde_json::Value> {
+    let mut event: serde_json::Value = serde_json::from_str(body).ok()?;
+    let records = event.get_mut("Records")?.as_array_mut()?;
+    for record in records.iter_mut() {
+        let record = record.as_object_mut()?;
+        for field in ["userIdentity", "requestParameters"] {
+            record
+                .entry(field)
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        }
+    }
+    Some(event)
 }

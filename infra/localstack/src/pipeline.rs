@@ -1,0 +1,628 @@
+//! The whole pipeline on one machine, wired the way AWS wires it: S3 notifications →
+//! enqueue, a timer → submit, an HTTP listener → webhook, the harvest queue → the
+//! webhook binary's harvest handler. Each function is called through its Lambda handler
+//! with the event JSON AWS would deliver, so the code that runs here is the code that
+//! runs there.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use aws_lambda_events::event::lambda_function_urls::{
+    LambdaFunctionUrlRequest, LambdaFunctionUrlRequestContext,
+    LambdaFunctionUrlRequestContextHttpDescription,
+};
+use aws_lambda_events::event::s3::S3Event;
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use batch_emulator::{EmulatorConfig, FaultSettings, RunningEmulator};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use shotlabel_shared::aws::{S3Store, SqsQueue};
+use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient, RetryPolicy};
+use shotlabel_shared::enqueue::EnqueueConfig;
+use shotlabel_shared::harvest::HarvestConfig;
+use shotlabel_shared::ports::ObjectStore;
+use shotlabel_shared::prepare::DecodeLimits;
+use shotlabel_shared::records::{Layout, TaskRef};
+use shotlabel_shared::request::BatchLimits;
+use shotlabel_shared::standard_webhooks::WebhookSecrets;
+use shotlabel_shared::submit::{PerBatchWebhook, SubmitConfig};
+use shotlabel_shared::task::Task;
+use shotlabel_shared::webhook::WebhookConfig;
+use tokio::task::JoinHandle;
+
+use crate::{LocalResources, MotoServer, create_resources, route_object_events, sqs_client};
+
+/// How the provider tells the webhook a batch is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookMode {
+    /// One signed endpoint for every batch (OpenAI's project webhooks).
+    Standard,
+    /// A URL per batch carrying a token (Inference.net's `webhook_url`).
+    PerBatch,
+}
+
+/// Where the batches go.
+#[derive(Debug, Clone)]
+pub enum ProviderChoice {
+    /// The bundled emulator, with these faults.
+    Emulator { faults: FaultSettings, seed: u64 },
+    /// A real provider: it cannot reach a loopback webhook, so reconciliation (every
+    /// submit run) harvests its batches.
+    Remote {
+        base_url: String,
+        api_key: SecretString,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub stack_name: String,
+    pub input_prefix: String,
+    pub task: Arc<Task>,
+    pub provider: ProviderChoice,
+    pub webhook_mode: WebhookMode,
+    /// How often the scheduled submit runs.
+    pub submit_every: Duration,
+    pub limits: BatchLimits,
+    pub max_retries: u32,
+    /// Open batches younger than this are left to their webhook by reconciliation.
+    pub reconcile_min_age: Duration,
+    /// The emulator's status timeline: validating, in progress, finalizing (ms).
+    pub emulator_delays_ms: (u64, u64, u64),
+}
+
+impl PipelineOptions {
+    pub fn new(task: Task) -> Self {
+        Self {
+            stack_name: "shotlabel-local".into(),
+            input_prefix: "incoming/".into(),
+            task: Arc::new(task),
+            provider: ProviderChoice::Emulator {
+                faults: FaultSettings::default(),
+                seed: 0,
+            },
+            webhook_mode: WebhookMode::Standard,
+            submit_every: Duration::from_secs(2),
+            limits: BatchLimits::default(),
+            max_retries: 3,
+            reconcile_min_age: Duration::from_secs(30),
+            emulator_delays_ms: (200, 800, 200),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Stack(#[from] crate::LocalStackError),
+    #[error("the local pipeline: {0}")]
+    Start(String),
+}
+
+fn start_error(e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Start(e.to_string())
+}
+
+/// Counts of what the local runners did, for progress and summaries.
+#[derive(Debug, Default)]
+pub struct RunnerStats {
+    pub events: AtomicU64,
+    pub submit_runs: AtomicU64,
+    pub webhook_requests: AtomicU64,
+    pub harvest_messages: AtomicU64,
+    pub handler_errors: AtomicU64,
+}
+
+/// A running local pipeline. Dropping it stops the runners, the emulator and moto.
+#[derive(Debug)]
+pub struct LocalPipeline {
+    pub resources: LocalResources,
+    pub sdk: SdkConfig,
+    pub webhook_url: String,
+    pub provider_url: String,
+    pub stats: Arc<RunnerStats>,
+    emulator: Option<RunningEmulator>,
+    runners: Vec<JoinHandle<()>>,
+    moto: MotoServer,
+}
+
+impl Drop for LocalPipeline {
+    fn drop(&mut self) {
+        for runner in &self.runners {
+            runner.abort();
+        }
+    }
+}
+
+type Enqueue = enqueue::Handler<S3Store, SqsQueue>;
+type Submit = submit::Handler<S3Store, SqsQueue, BatchClient>;
+type Webhook = webhook::Handler<S3Store, SqsQueue, BatchClient>;
+
+impl LocalPipeline {
+    pub async fn start(options: PipelineOptions) -> Result<Self, PipelineError> {
+        let moto = MotoServer::start().await?;
+        let sdk = moto.sdk_config().await;
+        let resources = create_resources(&sdk, &options.stack_name).await?;
+        let events_url =
+            route_object_events(&sdk, &resources, &options.stack_name, &options.input_prefix)
+                .await?;
+
+        // The webhook listener first: the emulator needs its URL.
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .map_err(start_error)?;
+        let webhook_addr = listener.local_addr().map_err(start_error)?;
+        let webhook_url = format!("http://{webhook_addr}/");
+        let secret = random_whsec();
+
+        let (emulator, base_url, api_key) = match &options.provider {
+            ProviderChoice::Emulator { faults, seed } => {
+                let key = format!("local-{}", hex_random(16));
+                let (validating, running, finalizing) = options.emulator_delays_ms;
+                let mut config = EmulatorConfig::new(key.clone())
+                    .with_delays(validating, running, finalizing)
+                    .with_faults(faults.clone())
+                    .with_seed(*seed);
+                config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+                if options.webhook_mode == WebhookMode::Standard {
+                    config = config
+                        .with_webhook(webhook_url.clone(), vec![secret.expose_secret().to_owned()]);
+                }
+                let emulator = batch_emulator::spawn(config).await.map_err(start_error)?;
+                let url = emulator.base_url();
+                (Some(emulator), url, SecretString::from(key))
+            }
+            ProviderChoice::Remote { base_url, api_key } => {
+                (None, base_url.clone(), api_key.clone())
+            }
+        };
+        let mut api = BatchApiConfig::new(&base_url, api_key).map_err(start_error)?;
+        if emulator.is_some() {
+            api.retry = RetryPolicy {
+                max_attempts: 8,
+                initial_backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(500),
+                max_retry_after: Duration::from_secs(1),
+            };
+        }
+        let provider = BatchClient::new(api).map_err(start_error)?;
+
+        let store = S3Store::new(crate::s3_client(&sdk));
+        let queue = SqsQueue::new(sqs_client(&sdk));
+        let layout = Layout::new(&options.input_prefix);
+        let task_ref = TaskRef {
+            name: options.task.name().to_owned(),
+            version: options.task.version().to_owned(),
+        };
+        let harvest = HarvestConfig {
+            bucket: resources.bucket.clone(),
+            layout: layout.clone(),
+            pending_queue_url: resources.pending_queue_url.clone(),
+            task: options.task.clone(),
+            max_retries: options.max_retries,
+        };
+        let enqueue_handler = Enqueue {
+            store: store.clone(),
+            queue: queue.clone(),
+            config: EnqueueConfig {
+                layout: layout.clone(),
+                pending_queue_url: resources.pending_queue_url.clone(),
+                max_object_bytes: DecodeLimits::default().max_bytes,
+                force_relabel: false,
+                task: task_ref,
+            },
+        };
+        let per_batch_webhook = match options.webhook_mode {
+            WebhookMode::PerBatch => Some(PerBatchWebhook {
+                base_url: url::Url::parse(&webhook_url).map_err(start_error)?,
+                secret: secret.clone(),
+            }),
+            WebhookMode::Standard => None,
+        };
+        let work_dir = std::env::temp_dir().join(format!("{}-work", options.stack_name));
+        let submit_handler = Submit {
+            store: store.clone(),
+            queue: queue.clone(),
+            provider: provider.clone(),
+            config: SubmitConfig {
+                bucket: resources.bucket.clone(),
+                layout: layout.clone(),
+                pending_queue_url: resources.pending_queue_url.clone(),
+                task: options.task.clone(),
+                limits: options.limits,
+                decode_limits: DecodeLimits::default(),
+                time_budget: Duration::from_secs(30),
+                visibility_timeout: Duration::from_secs(300),
+                receive_wait: Duration::ZERO,
+                max_images: 0,
+                concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+                work_dir,
+                completion_window: "24h".into(),
+                per_batch_webhook,
+            },
+            harvest: harvest.clone(),
+            // A remote provider cannot call back to this machine: reconcile at once.
+            reconcile_min_age: match options.provider {
+                ProviderChoice::Remote { .. } => Duration::ZERO,
+                ProviderChoice::Emulator { .. } => options.reconcile_min_age,
+            },
+        };
+        let mut webhook_config =
+            WebhookConfig::new(&resources.bucket, &resources.harvest_queue_url);
+        match options.webhook_mode {
+            WebhookMode::Standard => {
+                webhook_config.standard =
+                    Some(WebhookSecrets::parse(secret.expose_secret()).map_err(start_error)?);
+            }
+            WebhookMode::PerBatch => webhook_config.per_batch_secret = Some(secret.clone()),
+        }
+        let webhook_handler = Webhook {
+            store: store.clone(),
+            queue: queue.clone(),
+            provider,
+            webhook: webhook_config,
+            harvest,
+        };
+
+        let stats = Arc::new(RunnerStats::default());
+        let sqs = sqs_client(&sdk);
+        let webhook_handler = Arc::new(webhook_handler);
+        let runners = vec![
+            tokio::spawn(object_events(
+                sqs.clone(),
+                events_url,
+                enqueue_handler,
+                stats.clone(),
+            )),
+            tokio::spawn(schedule(
+                submit_handler,
+                options.submit_every,
+                stats.clone(),
+            )),
+            tokio::spawn(serve_webhook(
+                listener,
+                webhook_handler.clone(),
+                stats.clone(),
+            )),
+            tokio::spawn(harvest_queue(
+                sqs,
+                resources.harvest_queue_url.clone(),
+                webhook_handler,
+                stats.clone(),
+            )),
+        ];
+        Ok(Self {
+            resources,
+            sdk,
+            webhook_url,
+            provider_url: base_url,
+            stats,
+            emulator,
+            runners,
+            moto,
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        self.moto.endpoint()
+    }
+
+    /// The bundled emulator, when it is the provider.
+    pub fn emulator(&self) -> Option<&RunningEmulator> {
+        self.emulator.as_ref()
+    }
+
+    pub fn store(&self) -> S3Store {
+        S3Store::new(crate::s3_client(&self.sdk))
+    }
+
+    /// How many of these input keys have a terminal record (a label or a failed record).
+    pub async fn terminal_count(
+        &self,
+        layout: &Layout,
+        keys: &[String],
+    ) -> Result<usize, shotlabel_shared::ports::StoreError> {
+        let store = self.store();
+        let bucket = &self.resources.bucket;
+        let labels: std::collections::HashSet<String> =
+            store.list(bucket, "labels/").await?.into_iter().collect();
+        let failed: std::collections::HashSet<String> =
+            store.list(bucket, "failed/").await?.into_iter().collect();
+        Ok(keys
+            .iter()
+            .filter(|key| {
+                let relative = layout.relative_or_key(key);
+                labels.contains(&layout.label_key(relative))
+                    || failed.contains(&layout.failed_key(relative))
+            })
+            .count())
+    }
+}
+
+fn hex_random(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// A fresh Standard Webhooks secret for this run.
+fn random_whsec() -> SecretString {
+    let key: Vec<u8> = (0..24).map(|_| rand::random::<u8>()).collect();
+    SecretString::from(format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    ))
+}
+
+/// S3 → enqueue: each notification, as S3 wrote it, goes to the enqueue handler; it is
+/// deleted only when the handler succeeds (Lambda's retry of an S3 invocation).
+async fn object_events(
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+    handler: Enqueue,
+    stats: Arc<RunnerStats>,
+) {
+    loop {
+        let received = sqs
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(30)
+            .send()
+            .await;
+        let messages = match received {
+            Ok(output) => output.messages.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "receiving object events");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        for message in messages {
+            let body = message.body.as_deref().unwrap_or_default();
+            let handled = match crate::lambda_s3_event(body)
+                .and_then(|v| serde_json::from_value::<S3Event>(v).ok())
+            {
+                // S3's test event, sent when notifications are configured: nothing to do.
+                None => true,
+                Some(event) => {
+                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    match enqueue::handle(&handler, event).await {
+                        Ok(_) => true,
+                        Err(e) => {
+                            stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(error = %e, "enqueue failed; the event will be delivered again");
+                            false
+                        }
+                    }
+                }
+            };
+            if handled && let Some(handle) = message.receipt_handle {
+                let _ = sqs
+                    .delete_message()
+                    .queue_url(&queue_url)
+                    .receipt_handle(handle)
+                    .send()
+                    .await;
+            }
+        }
+    }
+}
+
+/// EventBridge → submit, on a fixed rate.
+async fn schedule(handler: Submit, every: Duration, stats: Arc<RunnerStats>) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let event = json!({
+            "version": "0",
+            "id": hex_random(16),
+            "detail-type": "Scheduled Event",
+            "source": "aws.events",
+            "account": "000000000000",
+            "time": rfc3339_now(),
+            "region": "us-east-1",
+            "resources": ["arn:aws:events:us-east-1:000000000000:rule/shotlabel-local-schedule"],
+            "detail": {}
+        });
+        stats.submit_runs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = submit::handle(&handler, event).await {
+            stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "scheduled submit run reported errors");
+        }
+    }
+}
+
+/// Now in RFC 3339, as EventBridge writes `time`.
+fn rfc3339_now() -> String {
+    use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
+    DateTime::from(std::time::SystemTime::now())
+        .fmt(DateTimeFormat::DateTime)
+        .unwrap_or_default()
+}
+
+/// Function URL → webhook: each HTTP request becomes the event a Function URL delivers.
+async fn serve_webhook(
+    listener: tokio::net::TcpListener,
+    handler: Arc<Webhook>,
+    stats: Arc<RunnerStats>,
+) {
+    let app = axum::Router::new()
+        .fallback(function_url)
+        .with_state((handler, stats));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the webhook listener stopped");
+    }
+}
+
+async fn function_url(
+    State((handler, stats)): State<(Arc<Webhook>, Arc<RunnerStats>)>,
+    request: Request,
+) -> Response {
+    stats.webhook_requests.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = request.into_parts();
+    // Function URLs cap payloads at 6 MB; so does this listener.
+    let body: Bytes = match axum::body::to_bytes(body, 6 * 1024 * 1024).await {
+        Ok(body) => body,
+        Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+    };
+    let mut event = LambdaFunctionUrlRequest::default();
+    event.version = Some("2.0".into());
+    event.raw_path = Some(parts.uri.path().to_owned());
+    event.raw_query_string = Some(parts.uri.query().unwrap_or_default().to_owned());
+    event.headers = parts.headers.clone();
+    event.is_base64_encoded = true;
+    event.body = Some(base64::engine::general_purpose::STANDARD.encode(&body));
+    let mut http = LambdaFunctionUrlRequestContextHttpDescription::default();
+    http.method = Some(parts.method.to_string());
+    http.path = Some(parts.uri.path().to_owned());
+    http.protocol = Some("HTTP/1.1".into());
+    http.source_ip = Some("127.0.0.1".into());
+    let mut context = LambdaFunctionUrlRequestContext::default();
+    context.http = http;
+    event.request_context = context;
+    let event = match serde_json::to_value(&event) {
+        Ok(event) => event,
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    match webhook::handle(&handler, event).await {
+        Ok(response) => function_url_response(&response),
+        Err(e) => {
+            stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "the webhook handler failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// A Function URL response object as the HTTP response it stands for.
+fn function_url_response(response: &Value) -> Response {
+    let status = response["statusCode"]
+        .as_u64()
+        .and_then(|s| StatusCode::from_u16(s as u16).ok())
+        .unwrap_or(StatusCode::OK);
+    let body = response["body"].as_str().unwrap_or_default().to_owned();
+    let body = if response["isBase64Encoded"].as_bool() == Some(true) {
+        base64::engine::general_purpose::STANDARD
+            .decode(&body)
+            .unwrap_or_default()
+    } else {
+        body.into_bytes()
+    };
+    let mut headers = HeaderMap::new();
+    if let Some(map) = response["headers"].as_object() {
+        for (name, value) in map {
+            if let (Ok(name), Some(Ok(value))) = (
+                axum::http::HeaderName::try_from(name.as_str()),
+                value.as_str().map(HeaderValue::from_str),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    }
+    (status, headers, body).into_response()
+}
+
+/// SQS harvest queue → the webhook binary's harvest handler, with Lambda's partial batch
+/// failure semantics: only the messages the handler did not report are deleted.
+async fn harvest_queue(
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+    handler: Arc<Webhook>,
+    stats: Arc<RunnerStats>,
+) {
+    loop {
+        let received = sqs
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(60)
+            .message_system_attribute_names(
+                aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
+            )
+            .send()
+            .await;
+        let messages = match received {
+            Ok(output) => output.messages.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "receiving harvest requests");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if messages.is_empty() {
+            continue;
+        }
+        stats
+            .harvest_messages
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let mut event = SqsEvent::default();
+        for message in &messages {
+            let mut record = SqsMessage::default();
+            record.message_id = message.message_id.clone();
+            record.receipt_handle = message.receipt_handle.clone();
+            record.body = message.body.clone();
+            record.event_source = Some("aws:sqs".into());
+            record.event_source_arn = Some(format!(
+                "arn:aws:sqs:us-east-1:000000000000:{}",
+                queue_name(&queue_url)
+            ));
+            record.aws_region = Some("us-east-1".into());
+            event.records.push(record);
+        }
+        let failures: Vec<String> = match serde_json::to_value(&event) {
+            Ok(event) => match webhook::handle(&handler, event).await {
+                Ok(response) => serde_json::from_value::<SqsBatchResponse>(response)
+                    .map(|r| {
+                        r.batch_item_failures
+                            .into_iter()
+                            .map(|f| f.item_identifier)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                Err(e) => {
+                    stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "the harvest handler failed");
+                    messages
+                        .iter()
+                        .filter_map(|m| m.message_id.clone())
+                        .collect()
+                }
+            },
+            Err(_) => Vec::new(),
+        };
+        for message in messages {
+            let failed = message
+                .message_id
+                .as_ref()
+                .is_some_and(|id| failures.contains(id));
+            if failed {
+                stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Some(handle) = message.receipt_handle {
+                let _ = sqs
+                    .delete_message()
+                    .queue_url(&queue_url)
+                    .receipt_handle(handle)
+                    .send()
+                    .await;
+            }
+        }
+    }
+}
+
+fn queue_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or(url)
+}
