@@ -49,6 +49,6 @@ test-rust: $(VENV_STAMP)
 # so `make test` does not compile the dependencies a second time.
 test-python: $(VENV_STAMP)
 	$(CARGO) test --workspace --no-run --quiet
-	BATCH_EMULATOR_BIN=$(TARGET_DIR)/debug/batch-emulator $(VENV)/bin/python -m pytest tests/python -q
+	BATCH_EMULATOR_BIN=$(TARGET_DIR)/debug/batch-emulator SHOTLABEL_BIN=$(TARGET_DIR)/debug/shotlabel $(VENV)/bin/python -m pytest tests/python -q
 
 test: lint test-rust test-python

@@ -1,78 +1,60 @@
-//! `shotlabel local`: the local stack on one machine.
+//! `shotlabel local`: the whole pipeline on one machine.
 //!
-//! Today (the foundation) it brings up moto server and the batch emulator, creates the
-//! template's resources, uploads the images, and sends them straight to the provider with
-//! the batch client, because enqueue, submit and webhook are not built yet. It says so.
+//! moto stands in for S3 and SQS, the bundled batch emulator (or a real provider from
+//! the environment) for the Batch API, and `shotlabel_localstack::pipeline` wires the
+//! three functions' real handlers the way AWS does. This uploads a folder of images,
+//! waits until every one has a terminal record, and summarises what came back.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aws_sdk_s3::primitives::ByteStream;
-use base64::Engine;
-use batch_emulator::{EmulatorConfig, RunningEmulator};
+use indicatif::{ProgressBar, ProgressStyle};
 use secrecy::SecretString;
 use serde_json::Value;
-use shotlabel_localstack::{MotoServer, create_resources, s3_client};
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient, CreateBatchRequest, OutputLine};
-use shotlabel_shared::task::Task;
-use tokio::io::AsyncBufReadExt;
+use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions, ProviderChoice};
+use shotlabel_localstack::s3_client;
+use shotlabel_shared::ports::ObjectStore;
+use shotlabel_shared::records::{BatchRecord, FailedRecord, LabelRecord, Layout};
 
 use crate::task_cmd::load_task;
 
 const INPUT_PREFIX: &str = "incoming/";
-const STACK_NAME: &str = "shotlabel-local";
 
-pub fn run(images: &Path, task: Option<&Path>, keep_running: bool) -> anyhow::Result<ExitCode> {
+pub struct LocalArgs<'a> {
+    pub images: &'a Path,
+    pub task: Option<&'a Path>,
+    pub keep_running: bool,
+    pub timeout: Duration,
+    pub report: Option<&'a Path>,
+}
+
+pub fn run(args: LocalArgs<'_>) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(run_local(images, task, keep_running))
+    runtime.block_on(run_local(args))
 }
 
-/// Where requests go: a real provider from the environment, or the bundled emulator.
-struct Provider {
-    base_url: String,
-    api_key: SecretString,
-    /// Kept alive for as long as the run needs it.
-    emulator: Option<RunningEmulator>,
-}
-
-async fn start_provider() -> anyhow::Result<Provider> {
+/// A real provider when both variables are set; otherwise the bundled emulator.
+fn provider_from_env() -> ProviderChoice {
     let url = std::env::var("SHOTLABEL_PROVIDER_URL")
         .ok()
         .filter(|u| !u.is_empty());
     let key = std::env::var("SHOTLABEL_API_KEY")
         .ok()
         .filter(|k| !k.is_empty());
-    if let (Some(base_url), Some(key)) = (url, key) {
-        return Ok(Provider {
+    match (url, key) {
+        (Some(base_url), Some(key)) => ProviderChoice::Remote {
             base_url,
             api_key: SecretString::from(key),
-            emulator: None,
-        });
+        },
+        _ => ProviderChoice::Emulator {
+            faults: Default::default(),
+            seed: 0,
+        },
     }
-    // A fresh key per run: the emulator is only reachable on loopback anyway.
-    let key = format!("local-{:016x}", rand_key());
-    let mut config = EmulatorConfig::new(key.clone()).with_delays(300, 1500, 300);
-    config.listen = "127.0.0.1:0".parse()?;
-    let emulator = batch_emulator::spawn(config)
-        .await
-        .context("cannot start the batch emulator")?;
-    Ok(Provider {
-        base_url: emulator.base_url(),
-        api_key: SecretString::from(key),
-        emulator: Some(emulator),
-    })
-}
-
-fn rand_key() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 /// The images in `dir` that a provider accepts, by extension, sorted by name.
@@ -82,7 +64,7 @@ fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut images: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.is_file() && mime_type(p).is_some())
+        .filter(|p| p.is_file() && is_image(p))
         .collect();
     images.sort();
     anyhow::ensure!(
@@ -93,244 +75,251 @@ fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(images)
 }
 
-fn mime_type(path: &Path) -> Option<&'static str> {
-    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-    Some(match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        _ => return None,
-    })
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .is_some_and(|e| matches!(e.as_str(), "png" | "jpg" | "jpeg" | "webp" | "gif"))
 }
 
-async fn run_local(
-    images_dir: &Path,
-    task: Option<&Path>,
-    keep_running: bool,
-) -> anyhow::Result<ExitCode> {
+fn bar(len: u64, message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("  {msg:<10} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
+}
+
+async fn run_local(args: LocalArgs<'_>) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let task = load_task(task)?;
-    let images = list_images(images_dir)?;
+    let task = load_task(args.task)?;
+    let images = list_images(args.images)?;
+    let provider = provider_from_env();
+    let emulated = matches!(provider, ProviderChoice::Emulator { .. });
 
     println!(
         "shotlabel local: task {} (version {})",
         task.name(),
         task.version()
     );
-    let moto = MotoServer::start()
+    let mut options = PipelineOptions::new(task);
+    options.input_prefix = INPUT_PREFIX.into();
+    options.provider = provider;
+    let pipeline = LocalPipeline::start(options)
         .await
-        .context("cannot start moto server (S3 and SQS)")?;
-    let sdk = moto.sdk_config().await;
-    let resources = create_resources(&sdk, STACK_NAME).await?;
-    let provider = start_provider().await?;
-    println!("  S3 endpoint:   {}", moto.endpoint());
-    println!("  bucket:        {}", resources.bucket);
+        .context("cannot start the local stack")?;
+    println!("  S3 endpoint:   {}", pipeline.endpoint());
+    println!("  bucket:        {}", pipeline.resources.bucket);
     println!("  input prefix:  {INPUT_PREFIX}");
-    println!("  pending queue: {}", resources.pending_queue_url);
-    match &provider.emulator {
-        Some(_) => println!(
+    println!("  webhook URL:   {}", pipeline.webhook_url);
+    if emulated {
+        println!(
             "  provider:      {} (the bundled batch emulator: its answers are synthetic, not a model's)",
-            provider.base_url
-        ),
-        None => println!("  provider:      {}", provider.base_url),
+            pipeline.provider_url
+        );
+    } else {
+        println!(
+            "  provider:      {} (it cannot reach this machine's webhook; each submit run reconciles)",
+            pipeline.provider_url
+        );
     }
-    println!("  webhook URL:   not built yet (issue 4)");
 
-    let s3 = s3_client(&sdk);
+    let s3 = s3_client(&pipeline.sdk);
+    let uploading = bar(images.len() as u64, "uploaded");
+    let mut keys = Vec::new();
     for image in &images {
         let name = image
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let key = format!("{INPUT_PREFIX}{name}");
         let body = ByteStream::from_path(image)
             .await
             .with_context(|| format!("cannot read {}", image.display()))?;
         s3.put_object()
-            .bucket(&resources.bucket)
-            .key(format!("{INPUT_PREFIX}{name}"))
+            .bucket(&pipeline.resources.bucket)
+            .key(&key)
             .body(body)
             .send()
             .await
             .with_context(|| format!("cannot upload {name} to the local bucket"))?;
+        keys.push(key);
+        uploading.inc(1);
     }
-    println!(
-        "Uploaded {} images to s3://{}/{INPUT_PREFIX}",
-        images.len(),
-        resources.bucket
-    );
-    println!();
-    println!("Not built yet: enqueue and submit (issue 3), webhook and harvest (issue 4).");
-    println!("Until then the images go straight from the bucket to the provider as one batch,");
-    println!("unresized (image preparation is issue 3), and no labels are written back.");
-    println!();
+    uploading.finish();
 
-    let mut config = BatchApiConfig::new(&provider.base_url, provider.api_key.clone())?;
-    config.read_timeout = Duration::from_secs(60);
-    let client = BatchClient::new(config)?;
-    let dir = tempfile::tempdir().context("cannot create a temporary folder")?;
-    let requests = dir.path().join("requests.jsonl");
-    let mut keys = BTreeMap::new();
-    {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&requests)?);
-        for (i, image) in images.iter().enumerate() {
-            let name = image
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let key = format!("{INPUT_PREFIX}{name}");
-            let object = s3
-                .get_object()
-                .bucket(&resources.bucket)
-                .key(&key)
-                .send()
-                .await?;
-            let bytes = object.body.collect().await?.into_bytes();
-            let mime = mime_type(image).unwrap_or("image/png");
-            let data_uri = format!(
-                "data:{mime};base64,{}",
-                base64::engine::general_purpose::STANDARD.encode(&bytes)
+    let layout = Layout::new(INPUT_PREFIX);
+    let done = bar(keys.len() as u64, "finished");
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        let finished = pipeline.terminal_count(&layout, &keys).await?;
+        done.set_position(finished as u64);
+        if finished == keys.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            done.abandon();
+            anyhow::bail!(
+                "{} of {} images have no label or failed record after {} s",
+                keys.len() - finished,
+                keys.len(),
+                args.timeout.as_secs()
             );
-            let custom_id = format!("r{i}");
-            let line = serde_json::json!({
-                "custom_id": custom_id,
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": task.chat_completion_body(&data_uri),
-            });
-            serde_json::to_writer(&mut out, &line)?;
-            out.write_all(b"\n")?;
-            keys.insert(custom_id, key);
         }
-        out.flush()?;
-    }
-    let file = client.upload_file(&requests).await?;
-    let mut request = CreateBatchRequest::chat_completions(&file.id);
-    request
-        .metadata
-        .insert("source".into(), "shotlabel local".into());
-    request
-        .metadata
-        .insert("task_version".into(), task.version().into());
-    let mut batch = client.create_batch(&request).await?;
-    println!("Batch {} created ({} requests)", batch.id, keys.len());
-    let mut last_status = batch.status.clone();
-    println!("  status: {last_status}");
-    while !batch.status.is_terminal() {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        batch = client.retrieve_batch(&batch.id).await?;
-        if batch.status != last_status {
-            last_status = batch.status.clone();
-            println!("  status: {last_status}");
-        }
+    }
+    done.finish();
+
+    let summary = Summary::gather(&pipeline, &layout, &keys).await?;
+    summary.print(started.elapsed());
+    if let Some(path) = args.report {
+        crate::report::write_report(
+            &pipeline.store(),
+            &pipeline.resources.bucket,
+            INPUT_PREFIX,
+            path,
+        )
+        .await
+        .with_context(|| format!("cannot write the report to {}", path.display()))?;
+        println!("  report:          {}", path.display());
+    }
+    if emulated {
+        println!();
+        println!("These labels came from the batch emulator: synthetic values derived from the");
+        println!("image bytes, not a model's judgement. Set SHOTLABEL_PROVIDER_URL and");
+        println!("SHOTLABEL_API_KEY to label the same images with a real provider.");
     }
 
-    let mut summary = Summary::default();
-    if let Some(output) = &batch.output_file_id {
-        for line in read_lines(&client, output).await? {
-            summary.add(&task, line);
-        }
-    }
-    if let Some(errors) = &batch.error_file_id {
-        for line in read_lines(&client, errors).await? {
-            summary.add(&task, line);
-        }
-    }
-    if let Some(reasons) = batch.error_summary() {
-        println!("The provider rejected the batch:\n{reasons}");
-    }
-    summary.print(keys.len(), started.elapsed());
-    if provider.emulator.is_some() {
+    if args.keep_running {
         println!();
-        println!("These answers came from the batch emulator: synthetic values derived from the");
+        println!("Staying up until Ctrl-C. Drop more images in and watch them come back:");
         println!(
-            "image bytes, not a model's labels. Set SHOTLABEL_PROVIDER_URL and SHOTLABEL_API_KEY"
+            "  export AWS_ENDPOINT_URL={} AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION=us-east-1",
+            pipeline.endpoint()
         );
-        println!("to send the same batch to a real provider.");
-    }
-
-    if keep_running {
-        println!();
+        print!(
+            "{}",
+            crate::stack::StackConfig::from_local(&pipeline.resources, INPUT_PREFIX).env_lines()
+        );
         println!(
-            "Staying up (Ctrl-C to stop). S3: {}  bucket: {}",
-            moto.endpoint(),
-            resources.bucket
+            "  aws s3 cp my-screenshot.png s3://{}/{INPUT_PREFIX}",
+            pipeline.resources.bucket
         );
+        println!("  shotlabel status");
         tokio::signal::ctrl_c().await?;
     }
-    Ok(if batch.status.as_str() == "completed" {
+    Ok(if summary.labelled == keys.len() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
-async fn read_lines(client: &BatchClient, file_id: &str) -> anyhow::Result<Vec<OutputLine>> {
-    let mut lines = client.file_reader(file_id).await?.lines();
-    let mut parsed = Vec::new();
-    while let Some(line) = lines.next_line().await? {
-        if line.trim().is_empty() {
-            continue;
-        }
-        parsed.push(serde_json::from_str(&line).context("the provider sent an unreadable line")?);
-    }
-    Ok(parsed)
-}
-
-/// Counts of what came back, and the distribution of each answered field.
+/// What the run produced, read back from the bucket.
 #[derive(Default)]
 struct Summary {
-    valid: usize,
-    invalid: usize,
-    errors: usize,
+    images: usize,
+    labelled: usize,
+    failed: Vec<FailedRecord>,
+    batches: usize,
+    retried: u64,
+    duplicates: u64,
     tokens: u64,
+    models: BTreeMap<String, usize>,
     distribution: BTreeMap<String, BTreeMap<String, usize>>,
 }
 
 impl Summary {
-    fn add(&mut self, task: &Task, line: OutputLine) {
-        let Some(response) = line.response.filter(|r| r.status_code == 200) else {
-            self.errors += 1;
+    async fn gather(
+        pipeline: &LocalPipeline,
+        layout: &Layout,
+        keys: &[String],
+    ) -> anyhow::Result<Self> {
+        let store = pipeline.store();
+        let bucket = &pipeline.resources.bucket;
+        let mut summary = Summary {
+            images: keys.len(),
+            ..Summary::default()
+        };
+        for key in keys {
+            let relative = layout.relative_or_key(key);
+            if let Ok(object) = store.get(bucket, &layout.label_key(relative)).await {
+                let label: LabelRecord = serde_json::from_slice(&object.body)?;
+                summary.add_label(&label);
+            } else if let Ok(object) = store.get(bucket, &layout.failed_key(relative)).await {
+                summary.failed.push(serde_json::from_slice(&object.body)?);
+            }
+        }
+        for key in store.list(bucket, "state/batches/").await? {
+            let record: BatchRecord = serde_json::from_slice(&store.get(bucket, &key).await?.body)?;
+            summary.batches += 1;
+            if let Some(counts) = record.harvest {
+                summary.retried += counts.retried;
+                summary.duplicates += counts.duplicates;
+                summary.tokens += counts.prompt_tokens + counts.completion_tokens;
+            }
+        }
+        Ok(summary)
+    }
+
+    fn add_label(&mut self, label: &LabelRecord) {
+        self.labelled += 1;
+        *self.models.entry(label.model.clone()).or_default() += 1;
+        let Some(fields) = label.label.as_object() else {
             return;
         };
-        self.tokens += response.body["usage"]["total_tokens"].as_u64().unwrap_or(0);
-        let content = response.body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or("");
-        let answer: Option<Value> = serde_json::from_str(content).ok();
-        match answer {
-            Some(answer) if task.validate_answer(&answer).is_ok() => {
-                self.valid += 1;
-                if let Some(fields) = answer.as_object() {
-                    for (field, value) in fields {
-                        if value.is_array() || value.as_str().is_some_and(|s| s.len() > 24) {
-                            continue; // free text and lists make no useful histogram
-                        }
-                        *self
-                            .distribution
-                            .entry(field.clone())
-                            .or_default()
-                            .entry(value.to_string())
-                            .or_default() += 1;
-                    }
-                }
+        for (field, value) in fields {
+            // Free text and lists make no useful histogram.
+            if value.is_array() || value.is_object() || value.as_str().is_some_and(|s| s.len() > 24)
+            {
+                continue;
             }
-            _ => self.invalid += 1,
+            let shown = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            *self
+                .distribution
+                .entry(field.clone())
+                .or_default()
+                .entry(shown)
+                .or_default() += 1;
         }
     }
 
-    fn print(&self, images: usize, elapsed: Duration) {
+    fn print(&self, elapsed: Duration) {
         println!();
         println!("Summary");
-        println!("  images:                   {images}");
-        println!("  answers valid:            {}", self.valid);
-        println!("  answers breaking schema:  {}", self.invalid);
-        println!("  request errors:           {}", self.errors);
-        println!("  tokens:                   {}", self.tokens);
+        println!("  images:          {}", self.images);
+        println!("  batches:         {}", self.batches);
+        println!("  labelled:        {}", self.labelled);
+        println!("  retried:         {}", self.retried);
+        println!("  failed:          {}", self.failed.len());
+        if self.duplicates > 0 {
+            println!(
+                "  duplicates:      {} (answers for images already labelled)",
+                self.duplicates
+            );
+        }
+        println!("  tokens:          {}", self.tokens);
+        for (model, n) in &self.models {
+            println!("  model:           {model} ({n} labels)");
+        }
         for (field, counts) in &self.distribution {
             let parts: Vec<String> = counts.iter().map(|(v, n)| format!("{v}: {n}")).collect();
             println!("  {field}: {}", parts.join(", "));
         }
-        println!("  elapsed:                  {:.1} s", elapsed.as_secs_f64());
+        for record in &self.failed {
+            let reason = record
+                .reasons
+                .last()
+                .map(|r| format!("{} ({})", r.reason, r.stage))
+                .unwrap_or_default();
+            println!("  failed {}: {reason}", record.source.key);
+        }
+        println!("  elapsed:         {:.1} s", elapsed.as_secs_f64());
     }
 }

@@ -81,14 +81,21 @@ pub enum HarvestError {
     Refused { count: usize },
 }
 
-/// Codes of a batch-level failure that resubmitting the same file cannot fix.
-const PERMANENT_BATCH_ERRORS: [&str; 8] = [
+/// Codes of a batch-level failure that resubmitting the same requests cannot fix: the
+/// file itself was rejected. (`file_too_large` and `too_many_requests` are not here: the
+/// same items in smaller files can succeed, so those go round again.)
+const PERMANENT_BATCH_ERRORS: [&str; 13] = [
     "invalid_request",
-    "invalid_json_line",
-    "invalid_file",
     "invalid_file_format",
-    "file_too_large",
-    "too_many_requests_in_file",
+    "empty_file",
+    "invalid_json_line",
+    "duplicate_custom_id",
+    "missing_custom_id",
+    "invalid_method",
+    "invalid_url",
+    "missing_body",
+    "mismatched_model",
+    "missing_model",
     "model_not_found",
     "invalid_model",
 ];

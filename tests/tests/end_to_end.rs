@@ -110,3 +110,97 @@ async fn labels_come_back_through_a_standard_webhook() -> anyhow::Result<()> {
 async fn labels_come_back_through_a_per_batch_webhook_url() -> anyhow::Result<()> {
     labels_come_back(WebhookMode::PerBatch, "e2e-per-batch").await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_image_ends_with_one_terminal_record_whatever_the_faults() -> anyhow::Result<()> {
+    use batch_emulator::FaultSettings;
+    use shotlabel_localstack::pipeline::ProviderChoice;
+    use shotlabel_shared::request::BatchLimits;
+
+    let task = Task::default_task()?;
+    let mut options = PipelineOptions::new(task.clone());
+    options.stack_name = "e2e-faults".into();
+    options.submit_every = Duration::from_millis(500);
+    options.emulator_delays_ms = (50, 200, 50);
+    options.limits = BatchLimits {
+        max_requests: 4,
+        max_bytes: 200 * 1024 * 1024,
+    };
+    // Dropped webhooks are only found by reconciliation.
+    options.reconcile_min_age = Duration::from_secs(2);
+    options.provider = ProviderChoice::Emulator {
+        faults: FaultSettings {
+            error_line: 0.1,
+            non_json: 0.1,
+            schema_break: 0.1,
+            length: 0.05,
+            expire: 0.25,
+            webhook_drop: 0.3,
+            webhook_duplicate: 0.3,
+            webhook_reorder: true,
+            ..FaultSettings::default()
+        },
+        seed: 7,
+    };
+    let pipeline = LocalPipeline::start(options).await?;
+    let s3 = shotlabel_localstack::s3_client(&pipeline.sdk);
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+    let mut inputs: Vec<std::path::PathBuf> = screenshots()?;
+    for entry in std::fs::read_dir(data.join("awkward"))? {
+        inputs.push(entry?.path());
+    }
+    let mut keys = Vec::new();
+    for path in &inputs {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let key = format!("incoming/{name}");
+        s3.put_object()
+            .bucket(&pipeline.resources.bucket)
+            .key(&key)
+            .body(ByteStream::from_path(path).await?)
+            .send()
+            .await?;
+        keys.push(key);
+    }
+    let layout = Layout::new("incoming/");
+    let start = Instant::now();
+    while pipeline.terminal_count(&layout, &keys).await? < keys.len() {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(180),
+            "images without a terminal record after 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let store = pipeline.store();
+    let bucket = &pipeline.resources.bucket;
+    let labels = store.list(bucket, "labels/").await?;
+    let failed = store.list(bucket, "failed/").await?;
+    for key in &keys {
+        let relative = layout.relative_or_key(key);
+        let labelled = labels.contains(&layout.label_key(relative));
+        let is_failed = failed.contains(&layout.failed_key(relative));
+        assert!(
+            labelled != is_failed,
+            "{key}: exactly one of a label or a failed record"
+        );
+    }
+    assert_eq!(
+        labels.len() + failed.len(),
+        keys.len(),
+        "no record for an image that was not put in"
+    );
+    let stats = pipeline
+        .emulator()
+        .ok_or_else(|| anyhow::anyhow!("no emulator"))?
+        .stats();
+    for kind in ["webhook_drop", "webhook_duplicate", "error_line", "expire"] {
+        assert!(
+            stats.faults.get(kind).copied().unwrap_or(0) > 0,
+            "{kind} was injected: {:?}",
+            stats.faults
+        );
+    }
+    Ok(())
+}

@@ -462,3 +462,131 @@ async fn a_harvest_repeated_after_a_crash_writes_and_requeues_nothing_twice() ->
     assert_eq!(counts.retried, requeued);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyhow::Result<()> {
+    use shotlabel_shared::batch_api::CreateBatchRequest;
+    use shotlabel_shared::records::{Manifest, PendingItem};
+    use shotlabel_shared::submit::METADATA_MANIFEST;
+
+    let stack = stack("harvest-failed-batch").await?;
+    // A provider that takes at most 2 requests per file: a 3-request batch fails as a
+    // whole, and the same items in smaller files could pass, so they go round again.
+    let mut config = batch_emulator::EmulatorConfig::new(KEY).with_delays(20, 50, 20);
+    config.listen = "127.0.0.1:0".parse()?;
+    config.max_requests = 2;
+    let emulator = batch_emulator::spawn(config).await?;
+    let client = client(&emulator, quick_retries(3))?;
+    enqueue(
+        &stack,
+        put_files(&stack, &files("screenshots")?[..3]).await?,
+    )
+    .await?;
+    let report = run_submit(
+        &stack.store,
+        &stack.queue,
+        &client,
+        &submit_config(&stack, BatchLimits::default())?,
+    )
+    .await?;
+    let batch_id = report.batches[0].batch_id.clone();
+    assert_eq!(
+        wait_terminal(&client, &batch_id).await?.status.as_str(),
+        "failed"
+    );
+    let harvest_config = harvest_config(&stack)?;
+    let HarvestOutcome::Harvested { counts, .. } = harvest(
+        &stack.store,
+        &stack.queue,
+        &client,
+        &harvest_config,
+        &request(&batch_id),
+    )
+    .await?
+    else {
+        anyhow::bail!("not harvested");
+    };
+    assert_eq!((counts.retried, counts.failed), (3, 0));
+    assert_eq!(
+        queue_depth(&stack, &stack.resources.pending_queue_url).await?,
+        3
+    );
+
+    // A file the provider rejects for its content: retrying cannot help, so the items fail.
+    let objects = put_files(&stack, &files("screenshots")?[3..5]).await?;
+    let task = Task::default_task()?;
+    let items: std::collections::BTreeMap<String, PendingItem> = objects
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            (
+                format!("bad-{i}"),
+                PendingItem {
+                    bucket: o.bucket.clone(),
+                    key: o.key.clone(),
+                    size: o.size,
+                    etag: o.etag.clone(),
+                    version_id: None,
+                    attempt: 0,
+                    reasons: Vec::new(),
+                    replace_label: None,
+                },
+            )
+        })
+        .collect();
+    let manifest = Manifest {
+        name: "bad-file".into(),
+        submission_id: "bad".into(),
+        task: task_ref(&task),
+        model: task.model().into(),
+        created_at: 0,
+        items,
+    };
+    stack
+        .s3
+        .put_object()
+        .bucket(&stack.resources.bucket)
+        .key(state_keys::manifest("bad-file"))
+        .body(serde_json::to_vec(&manifest)?.into())
+        .send()
+        .await?;
+    let path = stack.work_dir.path().join("bad.jsonl");
+    std::fs::write(&path, "this is not json\n{\"custom_id\": \"bad-1\"}\n")?;
+    let file = client.upload_file(&path).await?;
+    let mut create = CreateBatchRequest::chat_completions(file.id);
+    create
+        .metadata
+        .insert(METADATA_MANIFEST.into(), "bad-file".into());
+    let batch = client.create_batch(&create).await?;
+    assert_eq!(
+        wait_terminal(&client, &batch.id).await?.status.as_str(),
+        "failed"
+    );
+    let HarvestOutcome::Harvested { counts, .. } = harvest(
+        &stack.store,
+        &stack.queue,
+        &client,
+        &harvest_config,
+        &request(&batch.id),
+    )
+    .await?
+    else {
+        anyhow::bail!("not harvested");
+    };
+    assert_eq!((counts.retried, counts.failed), (0, 2));
+    for object in &objects {
+        let record: FailedRecord = read_json(
+            &stack,
+            &format!("failed/{}.json", object.key.trim_start_matches(INPUT)),
+        )
+        .await?;
+        let reason = &record.reasons[0];
+        assert_eq!(reason.stage, "provider");
+        assert!(
+            reason.reason.contains("invalid_json_line"),
+            "{}",
+            reason.reason
+        );
+    }
+    Ok(())
+}
