@@ -11,6 +11,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, SendMessageBatchRequestEntry,
 };
+use secrecy::SecretString;
 
 use crate::ports::{
     ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueError, ReceivedMessage, StoreError,
@@ -335,6 +336,88 @@ impl Queue for SqsQueue {
             .filter_map(|i| receipt_handles.get(i).cloned())
             .collect())
     }
+}
+
+/// Why a secret setting could not be read. Never carries the secret itself.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretSettingError {
+    #[error("{name} must be set ({what}), or {name}_SECRET_ARN to read it from Secrets Manager")]
+    Missing {
+        name: &'static str,
+        what: &'static str,
+    },
+    #[error("reading {name} from Secrets Manager ({arn}): {detail}")]
+    Read {
+        name: &'static str,
+        arn: String,
+        detail: String,
+    },
+}
+
+/// A setting that holds a secret. On AWS, `<NAME>_SECRET_ARN` names a Secrets Manager
+/// secret, read once at cold start; locally, `<NAME>` holds the value itself. `env`
+/// looks variables up (the process environment in the functions).
+pub async fn secret_setting(
+    sdk: &SdkConfig,
+    name: &'static str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<SecretString>, SecretSettingError> {
+    let arn_name = format!("{name}_SECRET_ARN");
+    if let Some(arn) = env(&arn_name).filter(|v| !v.trim().is_empty()) {
+        let client = aws_sdk_secretsmanager::Client::new(sdk);
+        let read = |detail: String| SecretSettingError::Read {
+            name,
+            arn: arn.clone(),
+            detail,
+        };
+        let output = client
+            .get_secret_value()
+            .secret_id(&arn)
+            .send()
+            .await
+            .map_err(|e| read(DisplayErrorContext(&e).to_string()))?;
+        let value = output
+            .secret_string
+            .ok_or_else(|| read("the secret has no string value".into()))?;
+        return Ok(Some(SecretString::from(value.trim().to_owned())));
+    }
+    Ok(env(name)
+        .filter(|v| !v.trim().is_empty())
+        .map(SecretString::from))
+}
+
+/// Like [`secret_setting`], for a secret that must be there.
+pub async fn required_secret(
+    sdk: &SdkConfig,
+    name: &'static str,
+    what: &'static str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<SecretString, SecretSettingError> {
+    secret_setting(sdk, name, env)
+        .await?
+        .ok_or(SecretSettingError::Missing { name, what })
+}
+
+/// The process environment, for [`secret_setting`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The provider's client: `SHOTLABEL_PROVIDER_URL`, and the API key from
+/// `SHOTLABEL_API_KEY_SECRET_ARN` (Secrets Manager) or `SHOTLABEL_API_KEY`.
+pub async fn batch_client_from_env(
+    sdk: &SdkConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<crate::batch_api::BatchClient, Box<dyn std::error::Error + Send + Sync>> {
+    let base_url = env("SHOTLABEL_PROVIDER_URL")
+        .filter(|v| !v.trim().is_empty())
+        .ok_or(crate::settings::SettingsError::Missing {
+            name: "SHOTLABEL_PROVIDER_URL",
+            what: "the provider's Batch API root, e.g. https://api.openai.com/v1",
+        })?;
+    let api_key = required_secret(sdk, "SHOTLABEL_API_KEY", "the provider's API key", &env).await?;
+    let config = crate::batch_api::BatchApiConfig::new(&base_url, api_key)?;
+    Ok(crate::batch_api::BatchClient::new(config)?)
 }
 
 #[cfg(test)]

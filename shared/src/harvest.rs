@@ -203,6 +203,8 @@ pub struct ReconcileReport {
     pub harvested: usize,
     pub still_running: usize,
     pub skipped_young: usize,
+    /// What the harvests it ran did, summed.
+    pub counts: HarvestCounts,
     pub errors: Vec<String>,
 }
 
@@ -240,7 +242,11 @@ pub async fn reconcile<S: ObjectStore, Q: Queue, P: BatchProvider>(
         };
         match harvest(store, queue, provider, config, &request).await {
             Ok(HarvestOutcome::NotFinished { .. }) => report.still_running += 1,
-            Ok(_) => report.harvested += 1,
+            Ok(HarvestOutcome::Harvested { counts, .. }) => {
+                report.harvested += 1;
+                report.counts.add(&counts);
+            }
+            Ok(HarvestOutcome::AlreadyHarvested { .. }) => report.harvested += 1,
             Err(e) => report.errors.push(format!("{batch_id}: {e}")),
         }
     }

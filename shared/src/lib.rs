@@ -9,6 +9,7 @@ pub mod batch_api;
 pub mod batch_token;
 pub mod enqueue;
 pub mod harvest;
+pub mod metrics;
 pub mod ports;
 pub mod prepare;
 pub mod records;
@@ -20,4 +21,4 @@ pub mod submit;
 pub mod task;
 pub mod webhook;
 
-pub use secrecy::SecretString;
+pub use secrecy::{ExposeSecret, SecretString};

@@ -246,6 +246,28 @@ pub struct HarvestCounts {
     pub completion_tokens: u64,
 }
 
+impl HarvestCounts {
+    pub fn add(&mut self, other: &HarvestCounts) {
+        self.labelled += other.labelled;
+        self.retried += other.retried;
+        self.failed += other.failed;
+        self.duplicates += other.duplicates;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+
+    /// Its share of the metrics an invocation publishes.
+    pub fn metrics(&self) -> crate::metrics::Counts {
+        crate::metrics::Counts {
+            images_labelled: self.labelled,
+            images_retried: self.retried,
+            images_failed: self.failed,
+            tokens_used: self.prompt_tokens + self.completion_tokens,
+            ..crate::metrics::Counts::default()
+        }
+    }
+}
+
 /// The state record of one provider batch: `state/batches/<batch id>.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRecord {

@@ -104,5 +104,13 @@ pub async fn handle<S: ObjectStore, Q: Queue>(
         ignored = report.ignored,
         "enqueued"
     );
+    shotlabel_shared::metrics::emit(
+        "enqueue",
+        &shotlabel_shared::metrics::Counts {
+            images_queued: report.queued as u64,
+            images_failed: report.failed as u64,
+            ..Default::default()
+        },
+    );
     Ok(report)
 }

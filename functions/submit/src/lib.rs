@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shotlabel_shared::SecretString;
-use shotlabel_shared::aws::{S3Store, SqsQueue, load_sdk_config, s3_client, sqs_client};
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient};
+use shotlabel_shared::aws::{
+    S3Store, SqsQueue, batch_client_from_env, load_sdk_config, process_env, s3_client,
+    secret_setting, sqs_client,
+};
+use shotlabel_shared::batch_api::BatchClient;
 use shotlabel_shared::harvest::{HarvestConfig, ReconcileReport, reconcile};
 use shotlabel_shared::ports::{BatchProvider, ObjectStore, Queue};
 use shotlabel_shared::prepare::DecodeLimits;
@@ -30,33 +33,29 @@ pub struct Handler<S = S3Store, Q = SqsQueue, P = BatchClient> {
 impl Handler {
     pub async fn from_env() -> Result<Self, lambda_runtime::Error> {
         let sdk = load_sdk_config().await;
+        // Secrets come from Secrets Manager on AWS, read once here and cached for the
+        // life of the execution environment.
+        let webhook_secret = secret_setting(&sdk, "SHOTLABEL_WEBHOOK_SECRET", process_env).await?;
         Ok(Self {
             store: S3Store::new(s3_client(&sdk)),
             queue: SqsQueue::new(sqs_client(&sdk)),
-            provider: provider_from_env()?,
-            config: config_from_env()?,
+            provider: batch_client_from_env(&sdk, process_env).await?,
+            config: config_from_env(webhook_secret)?,
             harvest: settings::harvest_config()?,
             reconcile_min_age: seconds("SHOTLABEL_RECONCILE_MIN_AGE_SECONDS", 0)?,
         })
     }
 }
 
-/// The provider client from `SHOTLABEL_PROVIDER_URL` and `SHOTLABEL_API_KEY`.
-pub fn provider_from_env() -> Result<BatchClient, lambda_runtime::Error> {
-    let base_url = settings::required(
-        "SHOTLABEL_PROVIDER_URL",
-        "the provider's Batch API root, e.g. https://api.openai.com/v1",
-    )?;
-    let api_key = settings::required("SHOTLABEL_API_KEY", "the provider's API key")?;
-    let config = BatchApiConfig::new(&base_url, SecretString::from(api_key))?;
-    Ok(BatchClient::new(config)?)
-}
-
 fn seconds(name: &'static str, default: u64) -> Result<Duration, SettingsError> {
     Ok(Duration::from_secs(settings::number_or(name, default)?))
 }
 
-pub fn config_from_env() -> Result<SubmitConfig, SettingsError> {
+/// Settings from the environment; the webhook secret is read by the caller (it may live
+/// in Secrets Manager).
+pub fn config_from_env(
+    webhook_secret: Option<SecretString>,
+) -> Result<SubmitConfig, SettingsError> {
     let defaults = BatchLimits::default();
     let decode = DecodeLimits::default();
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -71,14 +70,11 @@ pub fn config_from_env() -> Result<SubmitConfig, SettingsError> {
                 value: url.clone(),
                 what: "an https URL",
             })?;
-            let secret = settings::required(
-                "SHOTLABEL_WEBHOOK_SECRET",
-                "the secret that signs per-batch webhook URLs",
-            )?;
-            Some(PerBatchWebhook {
-                base_url,
-                secret: SecretString::from(secret),
-            })
+            let secret = webhook_secret.ok_or(SettingsError::Missing {
+                name: "SHOTLABEL_WEBHOOK_SECRET",
+                what: "the secret that signs per-batch webhook URLs",
+            })?;
+            Some(PerBatchWebhook { base_url, secret })
         }
         None | Some("standard") | Some("none") => None,
         Some(other) => {
@@ -172,6 +168,12 @@ pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
         unsubmitted = report.unsubmitted,
         "scheduled run finished"
     );
+    let mut metrics = reconcile.counts.metrics();
+    metrics.images_prepared = report.prepared as u64;
+    metrics.images_submitted = report.batches.iter().map(|b| b.requests).sum();
+    metrics.images_failed += report.failed as u64;
+    metrics.batches_submitted = report.batches.len() as u64;
+    shotlabel_shared::metrics::emit("submit", &metrics);
     let errors: Vec<&String> = reconcile.errors.iter().chain(&report.errors).collect();
     if let Some(first) = errors.first() {
         return Err(format!("{} error(s) in this run; the first: {first}", errors.len()).into());

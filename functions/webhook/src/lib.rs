@@ -22,18 +22,21 @@ use aws_lambda_events::http::header::CONTENT_TYPE;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::Value;
-use shotlabel_shared::SecretString;
-use shotlabel_shared::aws::{S3Store, SqsQueue, load_sdk_config, s3_client, sqs_client};
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient};
-use shotlabel_shared::harvest::{HarvestConfig, harvest};
+use shotlabel_shared::aws::{
+    S3Store, SqsQueue, batch_client_from_env, load_sdk_config, process_env, s3_client,
+    secret_setting, sqs_client,
+};
+use shotlabel_shared::batch_api::BatchClient;
+use shotlabel_shared::harvest::{HarvestConfig, HarvestOutcome, harvest};
 use shotlabel_shared::ports::{BatchProvider, ObjectStore, Queue};
-use shotlabel_shared::records::HarvestRequest;
+use shotlabel_shared::records::{HarvestCounts, HarvestRequest};
 use shotlabel_shared::settings::{self, SettingsError};
 use shotlabel_shared::standard_webhooks::{SecretError, WebhookSecrets};
 use shotlabel_shared::webhook::{
     DEFAULT_MAX_BODY_BYTES, MIN_PER_BATCH_SECRET_LEN, WebhookConfig, WebhookRequest,
     WebhookResponse, receive,
 };
+use shotlabel_shared::{ExposeSecret, SecretString};
 
 /// Clients and settings, built once per cold start.
 #[derive(Debug)]
@@ -47,12 +50,16 @@ pub struct Handler<S = S3Store, Q = SqsQueue, P = BatchClient> {
 
 impl Handler {
     pub async fn from_env() -> Result<Self, lambda_runtime::Error> {
-        // Settings first: a misconfiguration fails the cold start before any client is built.
-        let webhook = webhook_config_from_env()?;
+        let sdk = load_sdk_config().await;
+        // Secrets come from Secrets Manager on AWS, read once here and cached for the
+        // life of the execution environment.
+        let secret = secret_setting(&sdk, "SHOTLABEL_WEBHOOK_SECRET", process_env)
+            .await?
+            .map(|s| s.expose_secret().to_owned());
+        let webhook = webhook_config_from_env(secret)?;
         // Shared with the submitter's reconciliation, so both harvest alike.
         let harvest = settings::harvest_config()?;
-        let provider = provider_from_env()?;
-        let sdk = load_sdk_config().await;
+        let provider = batch_client_from_env(&sdk, process_env).await?;
         Ok(Self {
             store: S3Store::new(s3_client(&sdk)),
             queue: SqsQueue::new(sqs_client(&sdk)),
@@ -63,7 +70,6 @@ impl Handler {
     }
 }
 
-/// Why the function's settings were refused. Never contains a secret's text.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -136,7 +142,7 @@ pub fn apply_webhook_auth(
 
 /// The receiver's settings: `SHOTLABEL_BUCKET`, `SHOTLABEL_HARVEST_QUEUE_URL`,
 /// `SHOTLABEL_WEBHOOK_MODE`, `SHOTLABEL_WEBHOOK_SECRET`, `SHOTLABEL_MAX_WEBHOOK_BYTES`.
-pub fn webhook_config_from_env() -> Result<WebhookConfig, ConfigError> {
+pub fn webhook_config_from_env(secret: Option<String>) -> Result<WebhookConfig, ConfigError> {
     let mut config = WebhookConfig::new(
         settings::required("SHOTLABEL_BUCKET", "the bucket shotlabel works in")?,
         settings::required(
@@ -150,24 +156,12 @@ pub fn webhook_config_from_env() -> Result<WebhookConfig, ConfigError> {
     let mode = apply_webhook_auth(
         &mut config,
         settings::optional("SHOTLABEL_WEBHOOK_MODE").as_deref(),
-        settings::optional("SHOTLABEL_WEBHOOK_SECRET"),
+        secret,
     )?;
     if mode == WebhookMode::None {
         tracing::info!("no webhook mode configured: callbacks are refused, harvests still run");
     }
     Ok(config)
-}
-
-/// The provider client from `SHOTLABEL_PROVIDER_URL` and `SHOTLABEL_API_KEY` (the harvest
-/// retrieves batches and reads their files with it).
-pub fn provider_from_env() -> Result<BatchClient, lambda_runtime::Error> {
-    let base_url = settings::required(
-        "SHOTLABEL_PROVIDER_URL",
-        "the provider's Batch API root, e.g. https://api.openai.com/v1",
-    )?;
-    let api_key = settings::required("SHOTLABEL_API_KEY", "the provider's API key")?;
-    let config = BatchApiConfig::new(&base_url, SecretString::from(api_key))?;
-    Ok(BatchClient::new(config)?)
 }
 
 /// Which of the two sources an invocation came from.
@@ -237,6 +231,7 @@ pub async fn harvest_records<S: ObjectStore, Q: Queue, P: BatchProvider>(
     event: &SqsEvent,
 ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
     let mut response = SqsBatchResponse::default();
+    let mut harvested = HarvestCounts::default();
     for record in &event.records {
         let Some(message_id) = record.message_id.as_deref() else {
             // Without an id this record's failure cannot be reported on its own; failing the
@@ -264,12 +259,17 @@ pub async fn harvest_records<S: ObjectStore, Q: Queue, P: BatchProvider>(
         )
         .await
         {
-            Ok(outcome) => tracing::info!(
-                message_id,
-                origin = %request.origin,
-                outcome = %serde_json::to_string(&outcome).unwrap_or_default(),
-                "harvest request done"
-            ),
+            Ok(outcome) => {
+                if let HarvestOutcome::Harvested { counts, .. } = &outcome {
+                    harvested.add(counts);
+                }
+                tracing::info!(
+                    message_id,
+                    origin = %request.origin,
+                    outcome = %serde_json::to_string(&outcome).unwrap_or_default(),
+                    "harvest request done"
+                );
+            }
             Err(e) => {
                 tracing::error!(
                     message_id,
@@ -282,6 +282,7 @@ pub async fn harvest_records<S: ObjectStore, Q: Queue, P: BatchProvider>(
             }
         }
     }
+    shotlabel_shared::metrics::emit("harvest", &harvested.metrics());
     Ok(response)
 }
 
