@@ -62,7 +62,12 @@ pub fn emf_document(function: &str, counts: &Counts, timestamp_ms: u64) -> Value
 }
 
 /// Prints the invocation's metrics as one EMF line on stdout (the Lambda log stream).
+/// Outside Lambda (the local pipeline, tests) there is no log stream to turn them into
+/// metrics, so nothing is printed.
 pub fn emit(function: &str, counts: &Counts) {
+    if std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_none() {
+        return;
+    }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
