@@ -6,10 +6,14 @@ VENV ?= .venv
 PYTHON ?= python3
 CARGO ?= cargo
 VENV_STAMP := $(VENV)/.installed
+# Deploy tools (SAM CLI, cargo-lambda with zig, cfn-lint, checkov) in their own virtualenv:
+# they pin boto3 and friends at versions that clash with moto's.
+DEPLOY_VENV ?= .venv-deploy
+DEPLOY_VENV_STAMP := $(DEPLOY_VENV)/.installed
 # Where cargo puts binaries (CARGO_TARGET_DIR when set).
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
-.PHONY: help venv build demo test test-rust test-python fmt fmt-check clippy lint
+.PHONY: help venv deploy-venv build build-lambda demo test test-rust test-python fmt fmt-check clippy lint
 
 help:
 	@echo "make demo   - run the local pipeline on the bundled sample screenshots (no AWS account)"
@@ -24,8 +28,39 @@ $(VENV_STAMP): infra/python/requirements.txt
 
 venv: $(VENV_STAMP)
 
+# checkov pins boto3 exactly (3.3.30: boto3==1.35.49) and SAM CLI pins another exact boto3
+# (1.170.0: boto3[crt]==1.43.108), so no single environment holds both: checkov gets a
+# virtualenv of its own inside $(DEPLOY_VENV), linked into $(DEPLOY_VENV)/bin. Both come
+# from the one pinned requirements file.
+$(DEPLOY_VENV_STAMP): infra/python/requirements-deploy.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	grep -v '^checkov' infra/python/requirements-deploy.txt > $(DEPLOY_VENV)/requirements-main.txt
+	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -r $(DEPLOY_VENV)/requirements-main.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)/checkov
+	grep '^checkov' infra/python/requirements-deploy.txt > $(DEPLOY_VENV)/requirements-checkov.txt
+	$(DEPLOY_VENV)/checkov/bin/pip install --quiet --disable-pip-version-check -r $(DEPLOY_VENV)/requirements-checkov.txt
+	ln -sf ../checkov/bin/checkov $(DEPLOY_VENV)/bin/checkov
+	touch $@
+
+deploy-venv: $(DEPLOY_VENV_STAMP)
+
 build:
 	$(CARGO) build --workspace --all-targets
+
+# The Lambda bootstraps, as `sam deploy` uploads them: .aws-sam/build/<LogicalId>/bootstrap.
+# SAM's rust-cargolambda builder runs `cargo lambda build --release --bin <Binary>` once per
+# distinct build (a second function on the same Binary reuses the first's), in the source
+# tree: x86_64-unknown-linux-gnu with panic=abort and target-cpu=haswell, linked by zig
+# against an old glibc (provided.al2023 has 2.34). It honours CARGO_TARGET_DIR; all functions
+# share LAMBDA_TARGET_DIR, and keep it from one run to the next, so a run compiles only what
+# changed and links each binary. Its own directory, because none of its units match the
+# test and dev builds, and so that it never waits for a `cargo build --release` elsewhere in
+# the tree (cargo locks target/release, where the build scripts of both would go).
+# No --cached: SAM would hash the whole CodeUri (`.`, target dirs included) on every run.
+LAMBDA_TARGET_DIR ?= $(TARGET_DIR)/sam
+build-lambda: $(DEPLOY_VENV_STAMP)
+	PATH="$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH" CARGO_TARGET_DIR="$(LAMBDA_TARGET_DIR)" SAM_CLI_TELEMETRY=0 \
+	  $(DEPLOY_VENV)/bin/sam build --template-file template.yaml --build-dir .aws-sam/build
 
 demo: $(VENV_STAMP)
 	$(CARGO) run --quiet -p shotlabel-cli -- local --images tests/data/screenshots
@@ -41,7 +76,16 @@ clippy:
 
 lint: fmt-check clippy
 
-test-rust: $(VENV_STAMP)
+# template.yaml, linted offline: `sam validate --lint` (cfn-lint with SAM's transform; the region
+# only selects the rules' resource specs, no credentials are needed), cfn-lint itself, and
+# checkov with zero failed checks (every skip is justified beside its resource in the template).
+.PHONY: lint-infra
+lint-infra: $(DEPLOY_VENV_STAMP)
+	SAM_CLI_TELEMETRY=0 $(DEPLOY_VENV)/bin/sam validate --lint --template-file template.yaml --region us-east-1
+	$(DEPLOY_VENV)/bin/cfn-lint template.yaml
+	$(DEPLOY_VENV)/bin/checkov --file template.yaml --framework cloudformation --skip-download --quiet --compact
+
+test-rust: $(VENV_STAMP) $(DEPLOY_VENV_STAMP)
 	$(CARGO) test --workspace --no-fail-fast
 
 # The Python tests drive the emulator binary with the official openai and standardwebhooks packages.
@@ -51,4 +95,4 @@ test-python: $(VENV_STAMP)
 	$(CARGO) test --workspace --no-run --quiet
 	BATCH_EMULATOR_BIN=$(TARGET_DIR)/debug/batch-emulator SHOTLABEL_BIN=$(TARGET_DIR)/debug/shotlabel $(VENV)/bin/python -m pytest tests/python -q
 
-test: lint test-rust test-python
+test: lint lint-infra test-rust test-python

@@ -7,6 +7,7 @@ pub mod answer;
 pub mod aws;
 pub mod batch_api;
 pub mod batch_token;
+pub mod deploy;
 pub mod enqueue;
 pub mod harvest;
 pub mod metrics;

@@ -50,16 +50,22 @@ async fn moto_serves_s3_and_sqs_with_the_templates_resources() -> anyhow::Result
     assert!(second.is_err(), "If-None-Match: * must refuse to overwrite");
 
     let sqs = sqs_client(&config);
-    for (url, dlq_url) in [
+    for (url, dlq_url, logical_id) in [
         (
             &resources.pending_queue_url,
             &resources.pending_dead_letter_queue_url,
+            "PendingQueue",
         ),
         (
             &resources.harvest_queue_url,
             &resources.harvest_dead_letter_queue_url,
+            "HarvestQueue",
         ),
     ] {
+        let spec = QUEUES
+            .iter()
+            .find(|q| q.logical_id == logical_id)
+            .ok_or_else(|| anyhow::anyhow!("no queue spec {logical_id}"))?;
         let attributes = sqs
             .get_queue_attributes()
             .queue_url(url)
@@ -72,7 +78,9 @@ async fn moto_serves_s3_and_sqs_with_the_templates_resources() -> anyhow::Result
             attributes
                 .get(&QueueAttributeName::VisibilityTimeout)
                 .map(String::as_str),
-            Some("960")
+            Some(spec.visibility_timeout.to_string().as_str()),
+            "{}",
+            spec.logical_id
         );
         let redrive: serde_json::Value = serde_json::from_str(
             attributes
@@ -91,7 +99,10 @@ async fn moto_serves_s3_and_sqs_with_the_templates_resources() -> anyhow::Result
             .remove(&QueueAttributeName::QueueArn)
             .unwrap_or_default();
         assert_eq!(redrive["deadLetterTargetArn"], dlq_arn.as_str());
-        assert_eq!(redrive["maxReceiveCount"].as_u64(), Some(5));
+        assert_eq!(
+            redrive["maxReceiveCount"].as_u64(),
+            Some(u64::from(spec.max_receive_count))
+        );
 
         sqs.send_message()
             .queue_url(url)

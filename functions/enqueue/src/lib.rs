@@ -114,3 +114,55 @@ pub async fn handle<S: ObjectStore, Q: Queue>(
     );
     Ok(report)
 }
+
+// ---- deployment description ----
+// What this function needs from `template.yaml`; `tests/tests/template.rs` holds the
+// template to it (see `shotlabel_shared::deploy`).
+
+use shotlabel_shared::deploy::{
+    self, Deployment, Env, FAILED, Grant, HAS_TASK, LABELS, PENDING_QUEUE, Resource, S3_GET,
+    S3_PUT, SQS_SEND,
+};
+
+/// Every variable [`Handler::from_env`] reads (held to the source by a unit test).
+pub const ENV_VARS: &[&str] = &[
+    "SHOTLABEL_FORCE_RELABEL",
+    "SHOTLABEL_INPUT_PREFIX",
+    "SHOTLABEL_MAX_OBJECT_BYTES",
+    "SHOTLABEL_PENDING_QUEUE_URL",
+    "SHOTLABEL_S3_PATH_STYLE",
+    "SHOTLABEL_TASK",
+];
+
+/// What [`handle`] does on AWS: looks for a current label (GET, or HEAD when relabelling),
+/// writes failed records for refused objects, and sends the pending messages.
+pub const GRANTS: &[Grant] = &[
+    Grant::new(&[S3_GET], &[Resource::Objects(LABELS)]),
+    Grant::new(&[S3_PUT], &[Resource::Objects(FAILED)]),
+    Grant::new(&[SQS_SEND], &[Resource::Queue(PENDING_QUEUE)]),
+];
+
+/// The one deployment: triggered by objects created under the input prefix.
+pub const DEPLOYMENTS: &[Deployment] = &[Deployment {
+    function: "EnqueueFunction",
+    binary: "enqueue",
+    env: &[
+        Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
+        // Must be the S3 trigger's prefix filter, or events would be ignored.
+        Env::Required("SHOTLABEL_INPUT_PREFIX"),
+        Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
+    ],
+    grants: &[deploy::LOGGING, deploy::SEE_MISSING_KEYS, GRANTS],
+}];
+
+#[cfg(test)]
+mod deployment_tests {
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn env_vars_are_what_the_code_reads() {
+        let read = shotlabel_shared::deploy::variables_read_by(include_str!("lib.rs"));
+        let declared: BTreeSet<String> = super::ENV_VARS.iter().map(|v| (*v).to_owned()).collect();
+        assert_eq!(declared, read);
+    }
+}

@@ -183,3 +183,109 @@ pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
         submit: report,
     })
 }
+
+// ---- deployment description ----
+// What this function needs from `template.yaml`; `tests/tests/template.rs` holds the
+// template to it (see `shotlabel_shared::deploy`).
+
+use shotlabel_shared::deploy::{
+    self, BATCHES, Deployment, Env, FAILED, GET_SECRET, Grant, HAS_TASK, MANIFEST_BATCH, MANIFESTS,
+    OPEN, PENDING_QUEUE, PER_BATCH_WEBHOOKS, Prefix, Resource, S3_GET, S3_PUT, SQS_DELETE,
+    SQS_RECEIVE, WEBHOOK_SECRET,
+};
+
+/// Every variable [`Handler::from_env`] reads (held to the source by a unit test).
+pub const ENV_VARS: &[&str] = &[
+    "SHOTLABEL_API_KEY",
+    "SHOTLABEL_API_KEY_SECRET_ARN",
+    "SHOTLABEL_BUCKET",
+    "SHOTLABEL_COMPLETION_WINDOW",
+    "SHOTLABEL_CONCURRENCY",
+    "SHOTLABEL_INPUT_PREFIX",
+    "SHOTLABEL_MAX_BATCH_BYTES",
+    "SHOTLABEL_MAX_BATCH_REQUESTS",
+    "SHOTLABEL_MAX_IMAGES_PER_RUN",
+    "SHOTLABEL_MAX_IMAGE_PIXELS",
+    "SHOTLABEL_MAX_OBJECT_BYTES",
+    "SHOTLABEL_MAX_RETRIES",
+    "SHOTLABEL_PENDING_QUEUE_URL",
+    "SHOTLABEL_PROVIDER_URL",
+    "SHOTLABEL_RECEIVE_WAIT_SECONDS",
+    "SHOTLABEL_RECONCILE_MIN_AGE_SECONDS",
+    "SHOTLABEL_S3_PATH_STYLE",
+    "SHOTLABEL_SUBMIT_BUDGET_SECONDS",
+    "SHOTLABEL_SUBMIT_VISIBILITY_SECONDS",
+    "SHOTLABEL_TASK",
+    "SHOTLABEL_WEBHOOK_MODE",
+    "SHOTLABEL_WEBHOOK_SECRET",
+    "SHOTLABEL_WEBHOOK_SECRET_SECRET_ARN",
+    "SHOTLABEL_WEBHOOK_URL",
+    "SHOTLABEL_WORK_DIR",
+];
+
+/// What a submit run does on AWS ([`run_submit`]): takes pending messages (and deletes
+/// them once their batch exists), reads each image, writes failed records, manifests,
+/// manifest → batch links, state records and open markers; in per-batch webhook mode it
+/// signs each batch's webhook URL with the webhook secret. Reconciliation, which runs
+/// first, is a harvest ([`deploy::HARVEST`]) and lists the open markers.
+pub const GRANTS: &[Grant] = &[
+    Grant::new(
+        &[SQS_RECEIVE, SQS_DELETE],
+        &[Resource::Queue(PENDING_QUEUE)],
+    ),
+    Grant::new(&[S3_GET], &[Resource::Objects(Prefix::Input)]),
+    Grant::new(
+        &[S3_PUT],
+        &[
+            Resource::Objects(FAILED),
+            Resource::Objects(MANIFESTS),
+            Resource::Objects(MANIFEST_BATCH),
+            Resource::Objects(BATCHES),
+            Resource::Objects(OPEN),
+        ],
+    ),
+    Grant::new(&[GET_SECRET], &[Resource::Secret(WEBHOOK_SECRET)]).only_if(PER_BATCH_WEBHOOKS),
+];
+
+/// The one deployment: run on a schedule.
+pub const DEPLOYMENTS: &[Deployment] = &[Deployment {
+    function: "SubmitFunction",
+    binary: "submit",
+    env: &[
+        Env::Required("SHOTLABEL_BUCKET"),
+        Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
+        Env::Required("SHOTLABEL_PROVIDER_URL"),
+        Env::Required("SHOTLABEL_API_KEY_SECRET_ARN"),
+        // Must agree with the other functions' (labels are laid out below it).
+        Env::Required("SHOTLABEL_INPUT_PREFIX"),
+        // Must agree with the webhook receiver's.
+        Env::Required("SHOTLABEL_WEBHOOK_MODE"),
+        // Must agree with the harvest's.
+        Env::Required("SHOTLABEL_MAX_RETRIES"),
+        // Must outlast the function's timeout (checked by the template test).
+        Env::Required("SHOTLABEL_SUBMIT_VISIBILITY_SECONDS"),
+        Env::Required("SHOTLABEL_SUBMIT_BUDGET_SECONDS"),
+        Env::RequiredIf("SHOTLABEL_WEBHOOK_URL", PER_BATCH_WEBHOOKS),
+        Env::RequiredIf("SHOTLABEL_WEBHOOK_SECRET_SECRET_ARN", PER_BATCH_WEBHOOKS),
+        Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
+    ],
+    grants: &[
+        deploy::LOGGING,
+        deploy::SEE_MISSING_KEYS,
+        deploy::PROVIDER,
+        deploy::HARVEST,
+        GRANTS,
+    ],
+}];
+
+#[cfg(test)]
+mod deployment_tests {
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn env_vars_are_what_the_code_reads() {
+        let read = shotlabel_shared::deploy::variables_read_by(include_str!("lib.rs"));
+        let declared: BTreeSet<String> = super::ENV_VARS.iter().map(|v| (*v).to_owned()).collect();
+        assert_eq!(declared, read);
+    }
+}

@@ -367,3 +367,105 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
+
+// ---- deployment description ----
+// What this binary needs from `template.yaml`, once per deployment;
+// `tests/tests/template.rs` holds the template to it (see `shotlabel_shared::deploy`).
+
+use shotlabel_shared::deploy::{
+    self, DELIVERIES, Deployment, Env, GET_SECRET, Grant, HARVEST_QUEUE, HAS_TASK, Resource,
+    S3_DELETE, S3_PUT, SQS_ATTRIBUTES, SQS_DELETE, SQS_RECEIVE, SQS_SEND, WEBHOOK_SECRET,
+};
+
+/// Every variable [`Handler::from_env`] reads (held to the source by a unit test).
+pub const ENV_VARS: &[&str] = &[
+    "SHOTLABEL_API_KEY",
+    "SHOTLABEL_API_KEY_SECRET_ARN",
+    "SHOTLABEL_BUCKET",
+    "SHOTLABEL_HARVEST_QUEUE_URL",
+    "SHOTLABEL_INPUT_PREFIX",
+    "SHOTLABEL_MAX_RETRIES",
+    "SHOTLABEL_MAX_WEBHOOK_BYTES",
+    "SHOTLABEL_PENDING_QUEUE_URL",
+    "SHOTLABEL_PROVIDER_URL",
+    "SHOTLABEL_S3_PATH_STYLE",
+    "SHOTLABEL_TASK",
+    "SHOTLABEL_WEBHOOK_MODE",
+    "SHOTLABEL_WEBHOOK_SECRET",
+    "SHOTLABEL_WEBHOOK_SECRET_SECRET_ARN",
+];
+
+/// What the receiver does ([`receive_function_url`]): claims and, when sending fails,
+/// releases a delivery marker; queues one harvest request; authenticates with the webhook
+/// secret.
+pub const RECEIVER_GRANTS: &[Grant] = &[
+    Grant::new(&[S3_PUT, S3_DELETE], &[Resource::Objects(DELIVERIES)]),
+    Grant::new(&[SQS_SEND], &[Resource::Queue(HARVEST_QUEUE)]),
+    Grant::new(&[GET_SECRET], &[Resource::Secret(WEBHOOK_SECRET)]),
+];
+
+/// The harvest queue's event source mapping polls with the function's role and deletes
+/// what [`harvest_records`] did not report as failed.
+pub const HARVEST_QUEUE_GRANTS: &[Grant] = &[Grant::new(
+    &[SQS_RECEIVE, SQS_DELETE, SQS_ATTRIBUTES],
+    &[Resource::Queue(HARVEST_QUEUE)],
+)];
+
+/// Two deployments of the one binary.
+pub const DEPLOYMENTS: &[Deployment] = &[
+    // Behind the Function URL: fast, never harvests. It holds the provider's key and the
+    // pending queue's URL only because [`Handler::from_env`] builds the whole handler.
+    Deployment {
+        function: "WebhookFunction",
+        binary: "webhook",
+        env: &[
+            Env::Required("SHOTLABEL_BUCKET"),
+            Env::Required("SHOTLABEL_HARVEST_QUEUE_URL"),
+            Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
+            Env::Required("SHOTLABEL_PROVIDER_URL"),
+            Env::Required("SHOTLABEL_API_KEY_SECRET_ARN"),
+            Env::Required("SHOTLABEL_WEBHOOK_MODE"),
+            Env::Required("SHOTLABEL_WEBHOOK_SECRET_SECRET_ARN"),
+        ],
+        grants: &[deploy::LOGGING, deploy::PROVIDER, RECEIVER_GRANTS],
+    },
+    // On the harvest queue: no callbacks to authenticate, so no mode and no webhook secret
+    // (an unset mode with no secret is `none`).
+    Deployment {
+        function: "HarvestFunction",
+        binary: "webhook",
+        env: &[
+            Env::Required("SHOTLABEL_BUCKET"),
+            Env::Required("SHOTLABEL_HARVEST_QUEUE_URL"),
+            Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
+            Env::Required("SHOTLABEL_PROVIDER_URL"),
+            Env::Required("SHOTLABEL_API_KEY_SECRET_ARN"),
+            // Must agree with the other functions'.
+            Env::Required("SHOTLABEL_INPUT_PREFIX"),
+            Env::Required("SHOTLABEL_MAX_RETRIES"),
+            Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
+            Env::Unset("SHOTLABEL_WEBHOOK_MODE"),
+            Env::Unset("SHOTLABEL_WEBHOOK_SECRET_SECRET_ARN"),
+        ],
+        grants: &[
+            deploy::LOGGING,
+            deploy::SEE_MISSING_KEYS,
+            deploy::PROVIDER,
+            deploy::HARVEST,
+            deploy::HARVEST_BY_MANIFEST,
+            HARVEST_QUEUE_GRANTS,
+        ],
+    },
+];
+
+#[cfg(test)]
+mod deployment_tests {
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn env_vars_are_what_the_code_reads() {
+        let read = shotlabel_shared::deploy::variables_read_by(include_str!("lib.rs"));
+        let declared: BTreeSet<String> = super::ENV_VARS.iter().map(|v| (*v).to_owned()).collect();
+        assert_eq!(declared, read);
+    }
+}

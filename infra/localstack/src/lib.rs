@@ -173,13 +173,16 @@ pub const QUEUES: [QueueSpec; 2] = [
     QueueSpec {
         logical_id: "PendingQueue",
         dead_letter_logical_id: "PendingDeadLetterQueue",
+        // Longer than the submit function's 900 s timeout.
         visibility_timeout: 960,
         max_receive_count: 5,
     },
     QueueSpec {
         logical_id: "HarvestQueue",
         dead_letter_logical_id: "HarvestDeadLetterQueue",
-        visibility_timeout: 960,
+        // Six times the harvest function's 900 s timeout, as AWS recommends for queues
+        // consumed by a Lambda event source mapping.
+        visibility_timeout: 5400,
         max_receive_count: 5,
     },
 ];
