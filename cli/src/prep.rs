@@ -10,8 +10,8 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::Context;
-use shotlabel_shared::prepare::{DecodeLimits, prepare_image};
-use shotlabel_shared::request::{custom_id, request_line};
+use shotlabel_shared::prepare::{DecodeLimits, prepare_jpeg};
+use shotlabel_shared::request::{custom_id, request_line_with_jpeg};
 use shotlabel_shared::task::Task;
 
 /// The submission id prep's lines carry; the submitter uses a fresh one per submission.
@@ -76,13 +76,13 @@ pub fn run(inputs: &[PathBuf], out: &Path, task: &Task) -> anyhow::Result<ExitCo
                     let outcome = std::fs::read(path)
                         .map_err(|e| format!("cannot read: {e}"))
                         .and_then(|data| {
-                            prepare_image(&data, task.image(), limits).map_err(|e| e.to_string())
+                            prepare_jpeg(&data, task.image(), limits).map_err(|e| e.to_string())
                         })
                         .map(|prepared| {
-                            request_line(
+                            request_line_with_jpeg(
                                 &custom_id(PREP_SUBMISSION, index),
                                 task,
-                                &prepared.data_uri,
+                                &prepared.jpeg,
                             )
                         });
                     if sender.send((index, outcome)).is_err() {

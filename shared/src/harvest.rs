@@ -10,6 +10,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
@@ -126,6 +128,7 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
             status: batch.status.to_string(),
         });
     }
+    tracing::debug!(%batch_id, status = %batch.status, "harvest started");
     let manifest_name = batch
         .metadata
         .get(METADATA_MANIFEST)
@@ -155,6 +158,7 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
     let mut run = BatchHarvest {
         store,
         config,
+        writer: LabelWriter { store, config },
         batch: &batch,
         manifest: &manifest,
         seen: HashSet::new(),
@@ -503,9 +507,24 @@ enum LabelWrite {
     Superseded,
 }
 
+/// Label writes a harvest keeps in flight at once. One at a time, S3's 20-50 ms per PUT
+/// would hold a 50,000-answer batch for longer than a Lambda may run (15 minutes); writes
+/// for different images are independent, and two for the same label key never overlap.
+const LABEL_WRITES_IN_FLIGHT: usize = 32;
+
+/// What one finished label write reports back to the harvest.
+struct LabelDone<'a> {
+    custom_id: String,
+    item: &'a PendingItem,
+    key: String,
+    label: Value,
+    written: Result<LabelWrite, HarvestError>,
+}
+
 struct BatchHarvest<'a, S> {
     store: &'a S,
     config: &'a HarvestConfig,
+    writer: LabelWriter<'a, S>,
     batch: &'a Batch,
     manifest: &'a Manifest,
     seen: HashSet<String>,
@@ -516,13 +535,19 @@ struct BatchHarvest<'a, S> {
     retries: Vec<PendingItem>,
 }
 
-impl<S: ObjectStore> BatchHarvest<'_, S> {
-    /// Streams one output or error file line by line.
+impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
+    /// Streams one output or error file line by line. Labels are written up to
+    /// [`LABEL_WRITES_IN_FLIGHT`] at a time while the file is read on.
     async fn read_file<P: BatchProvider>(
         &mut self,
         provider: &P,
         file_id: &str,
     ) -> Result<(), HarvestError> {
+        let manifest: &'a Manifest = self.manifest;
+        let writer = self.writer;
+        let mut writes = FuturesUnordered::new();
+        // Label keys with a write in flight: a second item for the same key waits.
+        let mut busy: HashSet<String> = HashSet::new();
         let mut lines = provider.open_file(file_id).await?.lines();
         while let Some(line) = lines.next_line().await? {
             if line.trim().is_empty() {
@@ -536,7 +561,7 @@ impl<S: ObjectStore> BatchHarvest<'_, S> {
                     continue;
                 }
             };
-            let Some(item) = self.manifest.items.get(&parsed.custom_id) else {
+            let Some(item) = manifest.items.get(&parsed.custom_id) else {
                 tracing::warn!(batch_id = %self.batch.id, custom_id = %parsed.custom_id,
                     "an output line names no item of the manifest");
                 continue;
@@ -546,15 +571,37 @@ impl<S: ObjectStore> BatchHarvest<'_, S> {
             }
             let outcome = interpret_line(&parsed, &self.config.task);
             self.add_usage(outcome.usage());
+            let key = writer.label_key(item);
+            while busy.contains(&key) || writes.len() >= LABEL_WRITES_IN_FLIGHT {
+                let Some(done) = writes.next().await else {
+                    break;
+                };
+                self.label_written(done, &mut busy)?;
+            }
             match outcome {
                 LineOutcome::Answer(answer) => {
-                    self.label(&parsed.custom_id, item, answer).await?;
+                    let record = self.label_record(&parsed.custom_id, item, &answer);
+                    busy.insert(key.clone());
+                    let custom_id = parsed.custom_id;
+                    writes.push(async move {
+                        let written = writer.write_label(item, &key, &record).await;
+                        LabelDone {
+                            custom_id,
+                            item,
+                            key,
+                            label: answer.label,
+                            written,
+                        }
+                    });
                 }
                 LineOutcome::Retry(retry) => {
                     self.retry(&parsed.custom_id, item, retry.stage, retry.reason)
                         .await?;
                 }
             }
+        }
+        while let Some(done) = writes.next().await {
+            self.label_written(done, &mut busy)?;
         }
         Ok(())
     }
@@ -666,6 +713,77 @@ impl<S: ObjectStore> BatchHarvest<'_, S> {
 
     /// True when a label for this exact content and task version exists.
     async fn already_labelled(&self, item: &PendingItem) -> Result<bool, HarvestError> {
+        self.writer.already_labelled(item).await
+    }
+
+    /// The label record for an answer.
+    fn label_record(&self, custom_id: &str, item: &PendingItem, answer: &Answer) -> LabelRecord {
+        LabelRecord {
+            status: "labelled".into(),
+            label: answer.label.clone(),
+            source: item.source(),
+            task: task_ref(&self.config.task),
+            model: answer
+                .model
+                .clone()
+                .unwrap_or_else(|| self.manifest.model.clone()),
+            provenance: Provenance {
+                batch_id: self.batch.id.clone(),
+                custom_id: custom_id.to_owned(),
+                request_id: answer.request_id.clone(),
+                finish_reason: answer.finish_reason.clone(),
+                usage: answer.usage,
+            },
+            attempt: item.attempt,
+            labelled_at: unix_now(),
+        }
+    }
+
+    /// Counts a finished label write and records its result line.
+    fn label_written(
+        &mut self,
+        done: LabelDone<'_>,
+        busy: &mut HashSet<String>,
+    ) -> Result<(), HarvestError> {
+        busy.remove(&done.key);
+        let outcome = match done.written? {
+            LabelWrite::Written | LabelWrite::AlreadyOurs => {
+                self.counts.labelled += 1;
+                "labelled"
+            }
+            LabelWrite::Duplicate => {
+                self.counts.duplicates += 1;
+                "duplicate"
+            }
+            LabelWrite::Superseded => "superseded",
+        };
+        self.result(
+            &done.custom_id,
+            done.item,
+            json!({"outcome": outcome, "label": done.label}),
+        );
+        Ok(())
+    }
+}
+
+/// Label reads and writes; it borrows only the store and the configuration, so that many
+/// writes can be in flight while the harvest goes on reading.
+struct LabelWriter<'a, S> {
+    store: &'a S,
+    config: &'a HarvestConfig,
+}
+
+impl<S> Clone for LabelWriter<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S> Copy for LabelWriter<'_, S> {}
+
+impl<S: ObjectStore> LabelWriter<'_, S> {
+    /// True when a label for this exact content and task version exists.
+    async fn already_labelled(&self, item: &PendingItem) -> Result<bool, HarvestError> {
         let key = self.label_key(item);
         Ok(read_json::<S, Value>(self.store, &item.bucket, &key)
             .await
@@ -685,78 +803,33 @@ impl<S: ObjectStore> BatchHarvest<'_, S> {
             .label_key(self.config.layout.relative_or_key(&item.key))
     }
 
-    async fn label(
-        &mut self,
-        custom_id: &str,
-        item: &PendingItem,
-        answer: Answer,
-    ) -> Result<(), HarvestError> {
-        let record = LabelRecord {
-            status: "labelled".into(),
-            label: answer.label.clone(),
-            source: item.source(),
-            task: task_ref(&self.config.task),
-            model: answer
-                .model
-                .clone()
-                .unwrap_or_else(|| self.manifest.model.clone()),
-            provenance: Provenance {
-                batch_id: self.batch.id.clone(),
-                custom_id: custom_id.to_owned(),
-                request_id: answer.request_id.clone(),
-                finish_reason: answer.finish_reason.clone(),
-                usage: answer.usage,
-            },
-            attempt: item.attempt,
-            labelled_at: unix_now(),
-        };
-        let written = self.write_label(item, &record).await?;
-        let outcome = match written {
-            LabelWrite::Written | LabelWrite::AlreadyOurs => {
-                self.counts.labelled += 1;
-                "labelled"
-            }
-            LabelWrite::Duplicate => {
-                self.counts.duplicates += 1;
-                "duplicate"
-            }
-            LabelWrite::Superseded => "superseded",
-        };
-        self.result(
-            custom_id,
-            item,
-            json!({"outcome": outcome, "label": answer.label}),
-        );
-        Ok(())
-    }
-
     /// Writes a label unless one for the same content and task version is there. The
     /// common case (no label yet) costs one conditional PUT.
     async fn write_label(
         &self,
         item: &PendingItem,
+        key: &str,
         record: &LabelRecord,
     ) -> Result<LabelWrite, HarvestError> {
-        let key = self.label_key(item);
         let body = serde_json::to_vec_pretty(record)?;
         let first = match &item.replace_label {
             Some(etag) => WriteCondition::IfMatch(etag.clone()),
             None => WriteCondition::IfAbsent,
         };
         if self
-            .put_label(&item.bucket, &key, body.clone(), first)
+            .put_label(&item.bucket, key, body.clone(), first)
             .await?
         {
             return Ok(LabelWrite::Written);
         }
-        let Some((existing, etag)) = read_json::<S, Value>(self.store, &item.bucket, &key)
+        let Some((existing, etag)) = read_json::<S, Value>(self.store, &item.bucket, key)
             .await
             .unwrap_or(None)
         else {
             // Deleted in between (or unreadable): try once more from scratch.
             return Ok(
                 if self
-                    .put_label(&item.bucket, &key, body, WriteCondition::IfAbsent)
+                    .put_label(&item.bucket, key, body, WriteCondition::IfAbsent)
                     .await?
                 {
                     LabelWrite::Written
@@ -782,7 +855,7 @@ impl<S: ObjectStore> BatchHarvest<'_, S> {
         }
         Ok(
             if self
-                .put_label(&item.bucket, &key, body, WriteCondition::IfMatch(etag))
+                .put_label(&item.bucket, key, body, WriteCondition::IfMatch(etag))
                 .await?
             {
                 LabelWrite::Written

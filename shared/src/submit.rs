@@ -25,7 +25,7 @@ use crate::ports::{
     BatchProvider, MAX_BATCH_MESSAGES, ObjectStore, Queue, ReceivedMessage, StoreError,
     WriteCondition,
 };
-use crate::prepare::{DecodeLimits, prepare_image};
+use crate::prepare::{DecodeLimits, prepare_jpeg};
 use crate::records::{
     BatchPhase, BatchRecord, FailedRecord, Layout, Manifest, PendingItem, TaskRef, state_keys,
     unix_now,
@@ -156,6 +156,7 @@ where
         path: work_dir.display().to_string(),
         source,
     })?;
+    tracing::debug!(submission = %submission_id, "submit run started");
     let mut run = Run {
         store,
         queue,
@@ -412,6 +413,8 @@ where
             }
         }
         let keys: Vec<ContentKey> = items.values().map(content_key).collect();
+        tracing::debug!(manifest = %name, requests = file.requests, bytes = file.bytes,
+            "request file ready");
         match self.create_batch(&name, &file, items).await {
             Ok(batch) => {
                 tracing::info!(batch_id = %batch.batch_id, manifest = %name,
@@ -607,8 +610,8 @@ async fn prepare_one<S: ObjectStore>(
     let limits = config.decode_limits;
     let line_id = id.clone();
     let work = tokio::task::spawn_blocking(move || {
-        prepare_image(&object.body, task.image(), &limits)
-            .map(|image| crate::request::request_line(&line_id, &task, &image.data_uri))
+        prepare_jpeg(&object.body, task.image(), &limits)
+            .map(|image| crate::request::request_line_with_jpeg(&line_id, &task, &image.jpeg))
     });
     let prepared = match work.await {
         Ok(Ok(line)) => Prepared::Line(line),

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -87,6 +87,9 @@ pub struct Task {
     spec: TaskSpec,
     version: String,
     validator: Arc<jsonschema::Validator>,
+    /// The request line as text with holes, made on first use
+    /// ([`crate::request::LineTemplate`]).
+    line_template: OnceLock<Option<Arc<crate::request::LineTemplate>>>,
 }
 
 impl fmt::Debug for Task {
@@ -154,6 +157,7 @@ impl Task {
             spec,
             version,
             validator: Arc::new(validator),
+            line_template: OnceLock::new(),
         })
     }
 
@@ -178,6 +182,14 @@ impl Task {
     /// labels made under an older task are recognisable.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// This task's request line with holes for the custom id and the image; `None` when
+    /// the task's own text gets in the way (lines are then built as JSON trees).
+    pub(crate) fn line_template(&self) -> Option<&crate::request::LineTemplate> {
+        self.line_template
+            .get_or_init(|| crate::request::LineTemplate::new(self).map(Arc::new))
+            .as_deref()
     }
 
     /// The OpenAI `response_format` for this task's schema, in strict mode.
