@@ -14,6 +14,7 @@ DEPLOY_VENV_STAMP := $(DEPLOY_VENV)/.installed
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
 .PHONY: help venv deploy-venv build build-lambda demo test test-rust test-python fmt fmt-check clippy lint
+.PHONY: fuzz
 
 help:
 	@echo "make demo   - run the local pipeline on the bundled sample screenshots (no AWS account)"
@@ -96,3 +97,48 @@ test-python: $(VENV_STAMP)
 	BATCH_EMULATOR_BIN=$(TARGET_DIR)/debug/batch-emulator SHOTLABEL_BIN=$(TARGET_DIR)/debug/shotlabel $(VENV)/bin/python -m pytest tests/python -q
 
 test: lint lint-infra test-rust test-python
+
+# Fuzzing (docs/reliability.md): every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each,
+# starting from the committed seeds in fuzz/corpus/<target>/ (read only: what the fuzzer
+# finds goes to fuzz/target/corpus/, crashes to fuzz/artifacts/). Any crash fails the run.
+# cargo-fuzz is pinned and installed into .tools/. Its builds need nightly-only rustc
+# flags (-Zsanitizer=address and the sanitizer-coverage passes); this machine and CI have
+# the stable toolchain only, so RUSTC_BOOTSTRAP=1 lets stable rustc accept them, for these
+# builds alone and in their own target directory (fuzz/target), never the main one.
+# 16 codegen units: a much faster first build of the AWS SDK for a slightly slower fuzzer.
+CARGO_FUZZ_VERSION := 0.13.2
+TOOLS_DIR := $(CURDIR)/.tools
+CARGO_FUZZ := $(TOOLS_DIR)/bin/cargo-fuzz
+CARGO_FUZZ_STAMP := $(TOOLS_DIR)/.cargo-fuzz-$(CARGO_FUZZ_VERSION)
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := prepare_image output_lines webhook_request s3_event
+FUZZ_BUILD_FLAGS := --codegen-units 16 --target-dir fuzz/target
+
+$(CARGO_FUZZ_STAMP):
+	$(CARGO) install --locked --force --root $(TOOLS_DIR) cargo-fuzz@$(CARGO_FUZZ_VERSION)
+	touch $@
+
+fuzz: $(CARGO_FUZZ_STAMP)
+	RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) fuzz build $(FUZZ_BUILD_FLAGS)
+	set -e; for target in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$target ($(FUZZ_SECONDS) s)"; \
+	  mkdir -p fuzz/target/corpus/$$target; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) fuzz run $(FUZZ_BUILD_FLAGS) $$target \
+	    fuzz/target/corpus/$$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS); \
+	done
+
+# Benchmarks (docs/benchmarks.md): a release build of the CLI and the bench binary, then
+# each figure's command. `make bench` runs them all (about 15 minutes on 2 cores).
+BENCH := $(TARGET_DIR)/release/shotlabel-bench
+.PHONY: bench bench-build
+bench-build:
+	$(CARGO) build --release -p shotlabel-cli -p shotlabel-bench
+
+bench: $(VENV_STAMP) bench-build
+	$(BENCH) prep-vs-notebook
+	$(BENCH) profile-prep
+	$(BENCH) psnr
+	$(BENCH) submit-memory --images 500
+	$(BENCH) submit-memory --images 5000
+	$(BENCH) harvest --lines 50000
+	$(BENCH) e2e --images 1000

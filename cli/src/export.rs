@@ -8,9 +8,10 @@
 //! `datasets.load_dataset("imagefolder", data_dir=DIR)` loads.
 //!
 //! Object keys are untrusted: a key whose path would leave DIR (`..` segments, absolute,
-//! backslashes, control characters) or collide with the dataset's own files is refused
-//! with a warning, and nothing is ever written outside DIR. Images are read at the etag
-//! their label was made for, so an image replaced since is not paired with a stale label.
+//! backslashes, control characters, names over 255 bytes) or collide with the dataset's
+//! own files is refused with a warning, and nothing is ever written outside DIR. Images
+//! are read at the etag their label was made for, so an image replaced since is not
+//! paired with a stale label.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -391,6 +392,10 @@ async fn get_object(
     }
 }
 
+/// The longest file or folder name most file systems accept (ext4, APFS, NTFS), in bytes.
+/// S3 keys may hold longer segments; writing one would fail the whole export.
+const MAX_NAME_BYTES: usize = 255;
+
 /// Why a key's path below DIR is refused, if it is.
 fn check_relative(relative: &str) -> Result<(), String> {
     if relative.is_empty() {
@@ -413,6 +418,11 @@ fn check_relative(relative: &str) -> Result<(), String> {
         match *segment {
             "" => return Err("its path has an empty segment".into()),
             "." | ".." => return Err(format!("its path has a `{segment}` segment")),
+            _ if segment.len() > MAX_NAME_BYTES => {
+                return Err(format!(
+                    "its path has a name longer than {MAX_NAME_BYTES} bytes"
+                ));
+            }
             _ => {}
         }
     }
@@ -587,6 +597,8 @@ mod tests {
             "sub/metadata.csv",
             "labels.jsonl",
             "file://etc/passwd",
+            "n".repeat(256).as_str(),
+            format!("sub/{}.png", "n".repeat(300)).as_str(),
         ] {
             assert!(check_relative(bad).is_err(), "{bad:?} should be refused");
         }

@@ -259,7 +259,11 @@ impl Summary {
             if let Some(counts) = record.harvest {
                 summary.retried += counts.retried;
                 summary.duplicates += counts.duplicates;
-                summary.tokens += counts.prompt_tokens + counts.completion_tokens;
+                // The provider's word: saturate rather than overflow.
+                summary.tokens = summary
+                    .tokens
+                    .saturating_add(counts.prompt_tokens)
+                    .saturating_add(counts.completion_tokens);
             }
         }
         Ok(summary)

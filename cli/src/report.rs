@@ -298,24 +298,23 @@ async fn gather<S: ObjectStore>(
     )
     .await;
 
-    // Inputs that have no terminal record yet, by their key below the input prefix.
+    // Inputs that have no terminal record yet. Their record keys come from the layout,
+    // which shortens keys that would be over S3's limit.
     let terminal: HashSet<&str> = data
         .labels
         .iter()
-        .map(|(k, _)| k)
-        .chain(data.failed.iter().map(|(k, _)| k))
-        .filter_map(|k| {
-            k.strip_suffix(".json").and_then(|k| {
-                k.strip_prefix("labels/")
-                    .or_else(|| k.strip_prefix("failed/"))
-            })
-        })
+        .map(|(k, _)| k.as_str())
+        .chain(data.failed.iter().map(|(k, _)| k.as_str()))
         .collect();
     let layout = Layout::new(input_prefix);
     data.in_progress = data
         .inputs
         .iter()
-        .filter(|k| !terminal.contains(layout.relative_or_key(k)))
+        .filter(|k| {
+            let relative = layout.relative_or_key(k);
+            !terminal.contains(layout.label_key(relative).as_str())
+                && !terminal.contains(layout.failed_key(relative).as_str())
+        })
         .count();
     Ok(data)
 }

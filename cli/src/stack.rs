@@ -601,6 +601,9 @@ impl<'a> Lister<'a> {
             .bucket(&self.bucket)
             .prefix(&self.prefix)
             .set_continuation_token(self.token.take())
+            // Keys URL-encoded: one key with a character XML cannot carry (ESC, most
+            // control characters) would otherwise break the whole listing.
+            .encoding_type(aws_sdk_s3::types::EncodingType::Url)
             .send()
             .await
             .map_err(|e| {
@@ -627,7 +630,7 @@ impl<'a> Lister<'a> {
                             .unwrap_or_default()
                             .trim_matches('"')
                             .to_owned(),
-                        key: o.key?,
+                        key: shotlabel_shared::s3_key::decode_event_key(&o.key?).ok()?,
                     })
                 })
                 .collect(),

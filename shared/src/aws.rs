@@ -203,11 +203,15 @@ impl ObjectStore for S3Store {
 
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut keys = Vec::new();
+        // Keys come back URL-encoded: a key may hold characters XML 1.0 cannot carry
+        // (ESC, most other control characters) or that XML parsers rewrite (`\r`), and one
+        // such key would otherwise break the whole listing.
         let mut pages = self
             .client
             .list_objects_v2()
             .bucket(bucket)
             .prefix(prefix)
+            .encoding_type(aws_sdk_s3::types::EncodingType::Url)
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
@@ -217,12 +221,16 @@ impl ObjectStore for S3Store {
                     DisplayErrorContext(&e)
                 ))
             })?;
-            keys.extend(
-                page.contents
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|o| o.key),
-            );
+            for key in page
+                .contents
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|o| o.key)
+            {
+                keys.push(crate::s3_key::decode_event_key(&key).map_err(|e| {
+                    StoreError::Other(format!("listing s3://{bucket}/{prefix}: {e}"))
+                })?);
+            }
         }
         Ok(keys)
     }

@@ -184,13 +184,15 @@ pub const PROVIDER: &[Grant] = &[Grant::new(
 /// and Standard Webhooks deliveries): the state record, manifest and retry plan; labels
 /// (checked, written); the source object (HEAD, before replacing another version's label);
 /// results, failed records, retry plans and the state record written; the open marker
-/// removed; retries sent to the pending queue.
+/// removed, and a failed record a label supersedes (read, removed); retries sent to the
+/// pending queue.
 pub const HARVEST: &[Grant] = &[
     Grant::new(
         &[S3_GET],
         &[
             Resource::Objects(Prefix::Input),
             Resource::Objects(LABELS),
+            Resource::Objects(FAILED),
             Resource::Objects(BATCHES),
             Resource::Objects(MANIFESTS),
             Resource::Objects(RETRIES),
@@ -206,7 +208,10 @@ pub const HARVEST: &[Grant] = &[
             Resource::Objects(RETRIES),
         ],
     ),
-    Grant::new(&[S3_DELETE], &[Resource::Objects(OPEN)]),
+    Grant::new(
+        &[S3_DELETE],
+        &[Resource::Objects(FAILED), Resource::Objects(OPEN)],
+    ),
     Grant::new(&[SQS_SEND], &[Resource::Queue(PENDING_QUEUE)]),
 ];
 

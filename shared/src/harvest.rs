@@ -165,6 +165,7 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
         counts: HarvestCounts::default(),
         results: Vec::new(),
         retries: Vec::new(),
+        unreadable: Vec::new(),
     };
     for file_id in [&batch.output_file_id, &batch.error_file_id]
         .into_iter()
@@ -198,6 +199,17 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
         retried = counts.retried, failed = counts.failed, duplicates = counts.duplicates,
         "batch harvested");
     Ok(HarvestOutcome::Harvested { batch_id, counts })
+}
+
+/// One line of an output or error file, as [`harvest`] reads it: the bytes between two
+/// newlines (a trailing `\r` is whitespace). `None` for a blank line, which is skipped;
+/// otherwise the parsed line, or why it is not one (not UTF-8, not JSON, or no
+/// `custom_id`), in which case the line is skipped and its item goes round again.
+pub fn parse_output_line(line: &[u8]) -> Option<Result<OutputLine, serde_json::Error>> {
+    if line.trim_ascii().is_empty() {
+        return None;
+    }
+    Some(serde_json::from_slice(line))
 }
 
 /// What reconciliation did.
@@ -375,11 +387,14 @@ async fn requeue<S: ObjectStore, Q: Queue>(
     let (requeue, exhausted): (Vec<_>, Vec<_>) = retries
         .into_iter()
         .partition(|item| item.attempt <= config.max_retries);
+    let mut failed = 0;
     for item in &exhausted {
-        write_failed(store, config, item, item.reasons.clone()).await?;
+        if write_failed(store, config, item, item.reasons.clone()).await? {
+            failed += 1;
+        }
     }
     if requeue.is_empty() {
-        return Ok((0, exhausted.len() as u64));
+        return Ok((0, failed));
     }
     let key = state_keys::retries(batch_id);
     let plan = RetryPlan {
@@ -406,7 +421,7 @@ async fn requeue<S: ObjectStore, Q: Queue>(
                 });
             };
             if earlier.sent {
-                return Ok((earlier.items.len() as u64, exhausted.len() as u64));
+                return Ok((earlier.items.len() as u64, failed));
             }
             (earlier, etag)
         }
@@ -431,7 +446,7 @@ async fn requeue<S: ObjectStore, Q: Queue>(
         Ok(_) | Err(StoreError::ConditionFailed { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    Ok((count, exhausted.len() as u64))
+    Ok((count, failed))
 }
 
 async fn send_items<Q: Queue>(
@@ -469,24 +484,36 @@ async fn send_items<Q: Queue>(
     Ok(())
 }
 
+/// Writes an item's failed record, unless a label of the same content is there: then
+/// the label stands, the record is removed again and `false` is returned. Another copy of
+/// the item (a duplicate message or S3 event, a batch submitted twice) may have been
+/// labelled meanwhile. The label is looked for after the write, and a label writer looks
+/// for a failed record after its own write ([`LabelWriter::write_label`]): when the two
+/// race, at least one of them sees the other, and the image keeps one terminal record.
 async fn write_failed<S: ObjectStore>(
     store: &S,
     config: &HarvestConfig,
     item: &PendingItem,
     reasons: Vec<crate::records::AttemptReason>,
-) -> Result<(), HarvestError> {
+) -> Result<bool, HarvestError> {
     let relative = config.layout.relative_or_key(&item.key);
+    let failed_key = config.layout.failed_key(relative);
     let record = FailedRecord::new(item.source(), task_ref(&config.task), reasons);
     store
         .put(
             &item.bucket,
-            &config.layout.failed_key(relative),
+            &failed_key,
             serde_json::to_vec_pretty(&record)?,
             "application/json",
             WriteCondition::Overwrite,
         )
         .await?;
-    Ok(())
+    let labelled = LabelWriter { store, config }.already_labelled(item).await?;
+    if labelled {
+        store.delete(&item.bucket, &failed_key).await?;
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 fn task_ref(task: &Task) -> TaskRef {
@@ -533,6 +560,60 @@ struct BatchHarvest<'a, S> {
     results: Vec<u8>,
     /// Items to go round again, already one attempt later.
     retries: Vec<PendingItem>,
+    /// What could not be read of the batch's files (a file the provider says is gone,
+    /// lines that are not output lines or are too long), for the reasons of the items
+    /// left without an answer.
+    unreadable: Vec<String>,
+}
+
+/// The longest output or error line read. An answer line is a few kilobytes; a longer
+/// line is junk and is skipped without being held in memory (its item goes round again).
+pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
+
+/// One line of a provider's file, read as bytes.
+enum RawLine {
+    Line(Vec<u8>),
+    /// Over [`MAX_LINE_BYTES`]: this many bytes, dropped as they were read.
+    TooLong(usize),
+}
+
+/// Reads the next line (without its `\n`), holding at most `max` bytes of it. A file
+/// that ends without a newline still yields its last line. `None` at the end.
+async fn read_raw_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<Option<RawLine>> {
+    let mut line = Vec::new();
+    let mut total = 0usize;
+    let mut started = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            if !started {
+                return Ok(None);
+            }
+            break;
+        }
+        started = true;
+        let newline = available.iter().position(|b| *b == b'\n');
+        let chunk = &available[..newline.unwrap_or(available.len())];
+        total = total.saturating_add(chunk.len());
+        if total <= max {
+            line.extend_from_slice(chunk);
+        } else if !line.is_empty() {
+            line = Vec::new();
+        }
+        let used = newline.map_or(available.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    Ok(Some(if total > max {
+        RawLine::TooLong(total)
+    } else {
+        RawLine::Line(line)
+    }))
 }
 
 impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
@@ -548,16 +629,40 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
         let mut writes = FuturesUnordered::new();
         // Label keys with a write in flight: a second item for the same key waits.
         let mut busy: HashSet<String> = HashSet::new();
-        let mut lines = provider.open_file(file_id).await?.lines();
-        while let Some(line) = lines.next_line().await? {
-            if line.trim().is_empty() {
-                continue;
+        // Split on bytes, not `lines()`: one line that is not UTF-8 must cost its own item
+        // a retry, not fail the whole file (and so the batch, at every harvest).
+        // Lines are also bounded: one endless line must not hold the file in memory.
+        let mut reader = match provider.open_file(file_id).await {
+            Ok(reader) => reader,
+            // The provider says the file does not exist: waiting will not bring it back.
+            // Its items are left unseen and go round again with this reason. Any other
+            // failure (the key refused, the provider down) fails the harvest, which is
+            // retried later, so that nothing is resubmitted that may yet be read.
+            Err(e) if matches!(e.status(), Some(404 | 410)) => {
+                tracing::warn!(batch_id = %self.batch.id, error = %e, "a batch file is gone");
+                self.unreadable
+                    .push(format!("the provider has no file {file_id:?}: {e}"));
+                return Ok(());
             }
-            let parsed: OutputLine = match serde_json::from_str(&line) {
-                Ok(parsed) => parsed,
-                Err(e) => {
+            Err(e) => return Err(e.into()),
+        };
+        let (mut bad_lines, mut long_lines) = (0u64, 0u64);
+        while let Some(raw) = read_raw_line(&mut reader, MAX_LINE_BYTES).await? {
+            let line = match raw {
+                RawLine::Line(line) => line,
+                RawLine::TooLong(bytes) => {
+                    tracing::warn!(batch_id = %self.batch.id, bytes, "an output line is too long; skipped");
+                    long_lines += 1;
+                    continue;
+                }
+            };
+            let parsed = match parse_output_line(&line) {
+                None => continue,
+                Some(Ok(parsed)) => parsed,
+                Some(Err(e)) => {
                     // Its item is not marked seen, so it goes round again below.
                     tracing::warn!(batch_id = %self.batch.id, error = %e, "an output line is not JSON");
+                    bad_lines += 1;
                     continue;
                 }
             };
@@ -603,13 +708,30 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
         while let Some(done) = writes.next().await {
             self.label_written(done, &mut busy)?;
         }
+        if bad_lines > 0 {
+            self.unreadable.push(format!(
+                "{bad_lines} line(s) of file {file_id:?} were not output lines"
+            ));
+        }
+        if long_lines > 0 {
+            self.unreadable.push(format!(
+                "{long_lines} line(s) of file {file_id:?} were over {MAX_LINE_BYTES} bytes"
+            ));
+        }
         Ok(())
     }
 
     fn add_usage(&mut self, usage: Option<&Usage>) {
         if let Some(usage) = usage {
-            self.counts.prompt_tokens += usage.prompt_tokens;
-            self.counts.completion_tokens += usage.completion_tokens;
+            // Saturating: the counts are the provider's word, and may be absurd.
+            self.counts.prompt_tokens = self
+                .counts
+                .prompt_tokens
+                .saturating_add(usage.prompt_tokens);
+            self.counts.completion_tokens = self
+                .counts
+                .completion_tokens
+                .saturating_add(usage.completion_tokens);
         }
     }
 
@@ -648,6 +770,11 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
                 false,
             ),
         };
+        let reason = if self.unreadable.is_empty() {
+            reason
+        } else {
+            format!("{reason} ({})", self.unreadable.join("; "))
+        };
         let missing: Vec<(String, PendingItem)> = self
             .manifest
             .items
@@ -663,9 +790,13 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
                     self.result(&id, &item, json!({"outcome": "duplicate"}));
                     continue;
                 }
-                write_failed(self.store, self.config, &item, next.reasons).await?;
-                self.counts.failed += 1;
-                self.result(&id, &item, json!({"outcome": "failed", "reason": reason}));
+                if write_failed(self.store, self.config, &item, next.reasons).await? {
+                    self.counts.failed += 1;
+                    self.result(&id, &item, json!({"outcome": "failed", "reason": reason}));
+                } else {
+                    self.counts.duplicates += 1;
+                    self.result(&id, &item, json!({"outcome": "duplicate"}));
+                }
             } else {
                 self.retry(&id, &item, STAGE_PROVIDER, reason.clone())
                     .await?;
@@ -803,9 +934,43 @@ impl<S: ObjectStore> LabelWriter<'_, S> {
             .label_key(self.config.layout.relative_or_key(&item.key))
     }
 
+    /// Writes a label (see [`Self::write_label_once`]), then removes a failed record of the
+    /// same content: another copy of this item may have been failed meanwhile, and a
+    /// label supersedes it (see [`write_failed`]).
+    async fn write_label(
+        &self,
+        item: &PendingItem,
+        key: &str,
+        record: &LabelRecord,
+    ) -> Result<LabelWrite, HarvestError> {
+        let written = self.write_label_once(item, key, record).await?;
+        if matches!(written, LabelWrite::Written | LabelWrite::AlreadyOurs) {
+            self.remove_failed(item).await?;
+        }
+        Ok(written)
+    }
+
+    /// Deletes the item's failed record if it is about the same content and task version.
+    async fn remove_failed(&self, item: &PendingItem) -> Result<(), HarvestError> {
+        let key = self
+            .config
+            .layout
+            .failed_key(self.config.layout.relative_or_key(&item.key));
+        let record = match self.store.get(&item.bucket, &key).await {
+            Ok(object) => serde_json::from_slice::<Value>(&object.body).ok(),
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if record.is_some_and(|record| self.same_content(&record, item)) {
+            tracing::info!(key = %item.key, "a label supersedes the image's failed record");
+            self.store.delete(&item.bucket, &key).await?;
+        }
+        Ok(())
+    }
+
     /// Writes a label unless one for the same content and task version is there. The
     /// common case (no label yet) costs one conditional PUT.
-    async fn write_label(
+    async fn write_label_once(
         &self,
         item: &PendingItem,
         key: &str,

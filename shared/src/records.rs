@@ -141,13 +141,45 @@ impl Layout {
         self.relative(key).unwrap_or(key)
     }
 
+    /// `labels/<relative>.json`, or its shortened form when that is over S3's key limit
+    /// (see [`output_key`]).
     pub fn label_key(&self, relative: &str) -> String {
-        format!("labels/{relative}.json")
+        output_key("labels/", relative)
     }
 
+    /// `failed/<relative>.json`, or its shortened form when that is over S3's key limit
+    /// (see [`output_key`]).
     pub fn failed_key(&self, relative: &str) -> String {
-        format!("failed/{relative}.json")
+        output_key("failed/", relative)
     }
+}
+
+/// The longest object key S3 accepts, in bytes (UTF-8).
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// `<prefix><relative>.json` when it fits in [`MAX_KEY_BYTES`]; otherwise the longest
+/// prefix of `relative` that fits (cut at a character boundary) followed by `~`, the first
+/// 16 hex digits of SHA-256 over the whole `relative`, and `.json`.
+///
+/// An input key may itself be 1,024 bytes long, and its mirrored output key is then over
+/// the limit: S3 would refuse every write of its label or failed record, and the image
+/// would never reach a terminal record. The shortened key is a pure function of the
+/// input key, so every reader that asks [`Layout`] finds it; the record inside names the
+/// full source key.
+pub fn output_key(prefix: &str, relative: &str) -> String {
+    const EXT: &str = ".json";
+    let whole = format!("{prefix}{relative}{EXT}");
+    if whole.len() <= MAX_KEY_BYTES {
+        return whole;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(relative.as_bytes());
+    let suffix = format!("~{}{EXT}", hex::encode(&digest[..8]));
+    let mut room = MAX_KEY_BYTES.saturating_sub(prefix.len() + suffix.len());
+    while room > 0 && !relative.is_char_boundary(room) {
+        room -= 1;
+    }
+    format!("{prefix}{}{suffix}", &relative[..room.min(relative.len())])
 }
 
 /// Where the pipeline keeps its own state in the bucket.
@@ -252,8 +284,11 @@ impl HarvestCounts {
         self.retried += other.retried;
         self.failed += other.failed;
         self.duplicates += other.duplicates;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
+        // Token counts are the provider's word and may be absurd: saturate, never overflow.
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
     }
 
     /// Its share of the metrics an invocation publishes.
@@ -332,4 +367,35 @@ pub struct LabelRecord {
     pub attempt: u32,
     /// Unix seconds.
     pub labelled_at: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_keys_never_exceed_the_s3_limit() {
+        let layout = Layout::new("incoming/");
+        assert_eq!(layout.label_key("a/b.png"), "labels/a/b.png.json");
+        // Fits exactly: unchanged.
+        let fits = "x".repeat(MAX_KEY_BYTES - "labels/.json".len());
+        assert_eq!(layout.label_key(&fits), format!("labels/{fits}.json"));
+        for relative in [
+            "y".repeat(MAX_KEY_BYTES - "incoming/".len()),
+            "é".repeat(600),
+            format!("{fits}z"),
+        ] {
+            for key in [layout.label_key(&relative), layout.failed_key(&relative)] {
+                assert!(key.len() <= MAX_KEY_BYTES, "{} bytes", key.len());
+                assert!(key.ends_with(".json"));
+                assert!(key.starts_with("labels/") || key.starts_with("failed/"));
+            }
+            // Deterministic, and distinct for keys that differ only past the cut.
+            assert_eq!(layout.label_key(&relative), layout.label_key(&relative));
+            assert_ne!(
+                layout.label_key(&relative),
+                layout.label_key(&format!("{relative}2"))
+            );
+        }
+    }
 }

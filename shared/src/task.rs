@@ -334,23 +334,56 @@ fn compile_schema(spec: &TaskSpec) -> Result<jsonschema::Validator, TaskError> {
     Ok(validator)
 }
 
-/// OpenAI's strict structured outputs need an object at the root, and every object to
-/// list all its properties as required and forbid others. Providers reject a batch whose
-/// schema breaks this, so refuse it at load time.
+/// Keywords OpenAI's strict structured outputs refuse (its documented list of unsupported
+/// composition and object keywords): a schema using one is rejected by the provider for
+/// every request of the batch.
+const STRICT_UNSUPPORTED_KEYWORDS: [&str; 13] = [
+    "allOf",
+    "oneOf",
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentRequired",
+    "dependentSchemas",
+    "patternProperties",
+    "unevaluatedProperties",
+    "propertyNames",
+    "minProperties",
+    "maxProperties",
+];
+
+/// OpenAI's strict structured outputs need an object at the root, every object to list
+/// all its properties as required and forbid others, and no keyword it does not support.
+/// Providers reject a batch whose schema breaks this, so refuse it at load time.
 fn check_strict_mode(schema: &Value, at: &str) -> Result<(), String> {
     let Some(obj) = schema.as_object() else {
         return Ok(());
     };
+    let here = if at.is_empty() { "/" } else { at };
     if at.is_empty() && obj.get("type") != Some(&Value::String("object".into())) {
         return Err("the root must have \"type\": \"object\"".into());
     }
+    if let Some(keyword) = STRICT_UNSUPPORTED_KEYWORDS
+        .iter()
+        .find(|k| obj.contains_key(**k))
+    {
+        return Err(format!(
+            "the schema at {here} uses {keyword:?}, which strict mode does not support"
+        ));
+    }
+    let is_object = obj.contains_key("properties")
+        || match obj.get("type") {
+            Some(Value::String(t)) => t == "object",
+            Some(Value::Array(types)) => types.iter().any(|t| t == "object"),
+            _ => false,
+        };
+    if is_object && obj.get("additionalProperties") != Some(&Value::Bool(false)) {
+        return Err(format!(
+            "the object at {here} must set \"additionalProperties\": false"
+        ));
+    }
     if let Some(Value::Object(properties)) = obj.get("properties") {
-        let here = if at.is_empty() { "/" } else { at };
-        if obj.get("additionalProperties") != Some(&Value::Bool(false)) {
-            return Err(format!(
-                "the object at {here} must set \"additionalProperties\": false"
-            ));
-        }
         let required: Vec<&str> = obj
             .get("required")
             .and_then(Value::as_array)

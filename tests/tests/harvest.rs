@@ -200,6 +200,66 @@ async fn two_batches_for_the_same_images_end_with_one_label_each() -> anyhow::Re
     Ok(())
 }
 
+/// Found by the chaos soak: two copies of an image (here a late duplicate S3 event, after
+/// its first copy had been failed) ended with both a failed record and a label. A label
+/// supersedes a failed record of the same content.
+#[tokio::test]
+async fn a_label_supersedes_a_failed_record_of_the_same_content() -> anyhow::Result<()> {
+    let stack = stack("harvest-label-supersedes").await?;
+    let emulator = emulator(FaultSettings {
+        error_line: 1.0,
+        ..FaultSettings::default()
+    })
+    .await?;
+    let client = client(&emulator, quick_retries(3))?;
+    let objects = put_files(&stack, &files("screenshots")?[..3]).await?;
+    let submit = submit_config(&stack, BatchLimits::default())?;
+    let mut config = harvest_config(&stack)?;
+    config.max_retries = 0;
+
+    // The first copies come back as error lines, with no retry left: failed records.
+    enqueue(&stack, objects.clone()).await?;
+    let first = run_submit(&stack.store, &stack.queue, &client, &submit).await?;
+    wait_terminal(&client, &first.batches[0].batch_id).await?;
+    let HarvestOutcome::Harvested { counts, .. } = harvest(
+        &stack.store,
+        &stack.queue,
+        &client,
+        &config,
+        &request(&first.batches[0].batch_id),
+    )
+    .await?
+    else {
+        anyhow::bail!("not harvested");
+    };
+    assert_eq!(counts.failed, 3);
+    assert_eq!(list(&stack, "failed/").await?.len(), 3);
+
+    // The same S3 events again, later; this time the answers are good.
+    emulator.set_faults(FaultSettings::default())?;
+    enqueue(&stack, objects).await?;
+    let second = run_submit(&stack.store, &stack.queue, &client, &submit).await?;
+    wait_terminal(&client, &second.batches[0].batch_id).await?;
+    let HarvestOutcome::Harvested { counts, .. } = harvest(
+        &stack.store,
+        &stack.queue,
+        &client,
+        &config,
+        &request(&second.batches[0].batch_id),
+    )
+    .await?
+    else {
+        anyhow::bail!("not harvested");
+    };
+    assert_eq!(counts.labelled, 3);
+    assert_eq!(list(&stack, "labels/").await?.len(), 3);
+    assert!(
+        list(&stack, "failed/").await?.is_empty(),
+        "one terminal record per image: the labels replace the failed records"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_answers_go_round_again_until_the_retry_limit() -> anyhow::Result<()> {
     let stack = stack("harvest-retries").await?;

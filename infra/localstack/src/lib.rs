@@ -3,6 +3,7 @@
 //!
 //! Tests and `shotlabel local` use this; nothing here runs on AWS.
 
+pub mod chaos;
 pub mod pipeline;
 
 use std::net::TcpListener;

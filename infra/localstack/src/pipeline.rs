@@ -2,7 +2,8 @@
 //! enqueue, a timer → submit, an HTTP listener → webhook, the harvest queue → the
 //! webhook binary's harvest handler. Each function is called through its Lambda handler
 //! with the event JSON AWS would deliver, so the code that runs here is the code that
-//! runs there.
+//! runs there. With [`PipelineOptions::chaos`] set, the runners and the ports the
+//! handlers use inject crashes, redeliveries and duplicate events ([`crate::chaos`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use shotlabel_shared::task::Task;
 use shotlabel_shared::webhook::WebhookConfig;
 use tokio::task::JoinHandle;
 
+use crate::chaos::{Chaos, ChaosOptions, ChaosStats, Chaotic, Function, Invocation};
 use crate::{LocalResources, MotoServer, create_resources, route_object_events, sqs_client};
 
 /// How the provider tells the webhook a batch is done.
@@ -77,6 +79,11 @@ pub struct PipelineOptions {
     pub reconcile_min_age: Duration,
     /// The emulator's status timeline: validating, in progress, finalizing (ms).
     pub emulator_delays_ms: (u64, u64, u64),
+    /// Harvest-queue invocations run at once (Lambda runs several).
+    pub harvest_concurrency: usize,
+    /// Crashes, redeliveries and duplicate events injected into the functions (see
+    /// [`crate::chaos`]); off by default.
+    pub chaos: Option<ChaosOptions>,
 }
 
 impl PipelineOptions {
@@ -95,6 +102,8 @@ impl PipelineOptions {
             max_retries: 3,
             reconcile_min_age: Duration::from_secs(30),
             emulator_delays_ms: (200, 800, 200),
+            harvest_concurrency: 1,
+            chaos: None,
         }
     }
 }
@@ -128,7 +137,10 @@ pub struct LocalPipeline {
     pub sdk: SdkConfig,
     pub webhook_url: String,
     pub provider_url: String,
+    /// The queue S3 notifications go to before the enqueue runner hands them over.
+    pub events_queue_url: String,
     pub stats: Arc<RunnerStats>,
+    chaos: Option<Arc<Chaos>>,
     emulator: Option<RunningEmulator>,
     runners: Vec<JoinHandle<()>>,
     moto: MotoServer,
@@ -142,9 +154,13 @@ impl Drop for LocalPipeline {
     }
 }
 
-type Enqueue = enqueue::Handler<S3Store, SqsQueue>;
-type Submit = submit::Handler<S3Store, SqsQueue, BatchClient>;
-type Webhook = webhook::Handler<S3Store, SqsQueue, BatchClient>;
+// The ports are wrapped for fault injection, which does nothing unless chaos is on.
+type Store = Chaotic<S3Store>;
+type Sqs = Chaotic<SqsQueue>;
+type Provider = Chaotic<BatchClient>;
+type Enqueue = enqueue::Handler<Store, Sqs>;
+type Submit = submit::Handler<Store, Sqs, Provider>;
+type Webhook = webhook::Handler<Store, Sqs, Provider>;
 
 impl LocalPipeline {
     pub async fn start(options: PipelineOptions) -> Result<Self, PipelineError> {
@@ -193,10 +209,10 @@ impl LocalPipeline {
                 max_retry_after: Duration::from_secs(1),
             };
         }
-        let provider = BatchClient::new(api).map_err(start_error)?;
+        let provider = Chaotic(BatchClient::new(api).map_err(start_error)?);
 
-        let store = S3Store::new(crate::s3_client(&sdk));
-        let queue = SqsQueue::new(sqs_client(&sdk));
+        let store = Chaotic(S3Store::new(crate::s3_client(&sdk)));
+        let queue = Chaotic(SqsQueue::new(sqs_client(&sdk)));
         let layout = Layout::new(&options.input_prefix);
         let task_ref = TaskRef {
             name: options.task.name().to_owned(),
@@ -274,18 +290,24 @@ impl LocalPipeline {
 
         let stats = Arc::new(RunnerStats::default());
         let sqs = sqs_client(&sdk);
+        let chaos = options
+            .chaos
+            .clone()
+            .map(|chaos| Chaos::new(chaos, sqs.clone()));
         let webhook_handler = Arc::new(webhook_handler);
         let runners = vec![
             tokio::spawn(object_events(
                 sqs.clone(),
-                events_url,
+                events_url.clone(),
                 enqueue_handler,
                 stats.clone(),
+                chaos.clone(),
             )),
             tokio::spawn(schedule(
                 submit_handler,
                 options.submit_every,
                 stats.clone(),
+                chaos.clone(),
             )),
             tokio::spawn(serve_webhook(
                 listener,
@@ -293,10 +315,14 @@ impl LocalPipeline {
                 stats.clone(),
             )),
             tokio::spawn(harvest_queue(
-                sqs,
-                resources.harvest_queue_url.clone(),
-                webhook_handler,
-                stats.clone(),
+                HarvestRunner {
+                    sqs,
+                    queue_url: resources.harvest_queue_url.clone(),
+                    handler: webhook_handler,
+                    stats: stats.clone(),
+                    chaos: chaos.clone(),
+                },
+                options.harvest_concurrency,
             )),
         ];
         Ok(Self {
@@ -304,7 +330,9 @@ impl LocalPipeline {
             sdk,
             webhook_url,
             provider_url: base_url,
+            events_queue_url: events_url,
             stats,
+            chaos,
             emulator,
             runners,
             moto,
@@ -313,6 +341,11 @@ impl LocalPipeline {
 
     pub fn endpoint(&self) -> &str {
         self.moto.endpoint()
+    }
+
+    /// What the fault injector did, when chaos is on.
+    pub fn chaos_stats(&self) -> Option<ChaosStats> {
+        self.chaos.as_ref().map(|chaos| chaos.stats())
     }
 
     /// The bundled emulator, when it is the provider.
@@ -362,18 +395,53 @@ fn random_whsec() -> SecretString {
     ))
 }
 
+/// Runs one handler call, as an invocation under chaos when it is on. `None` when the
+/// process was killed.
+async fn invoke<F: std::future::Future>(
+    chaos: Option<&Arc<Chaos>>,
+    function: Function,
+    call: F,
+) -> (Option<F::Output>, Option<Arc<Invocation>>) {
+    // Boxed: handler futures are large, and a debug build moves them by value.
+    let call = Box::pin(call);
+    match chaos {
+        Some(chaos) => {
+            let (output, invocation) = chaos.run(function, call).await;
+            if output.is_none() {
+                tracing::warn!(
+                    function = function.as_str(),
+                    "chaos: the process was killed"
+                );
+            }
+            (output, Some(invocation))
+        }
+        None => (Some(call.await), None),
+    }
+}
+
 /// S3 → enqueue: each notification, as S3 wrote it, goes to the enqueue handler; it is
-/// deleted only when the handler succeeds (Lambda's retry of an S3 invocation).
+/// deleted only when the handler succeeds (Lambda's retry of an S3 invocation). The
+/// notifications of one receive are handled at once, as S3 invokes the function
+/// concurrently.
 async fn object_events(
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
     handler: Enqueue,
     stats: Arc<RunnerStats>,
+    chaos: Option<Arc<Chaos>>,
 ) {
+    let runner = Arc::new(EventRunner {
+        sqs,
+        queue_url,
+        handler,
+        stats,
+        chaos,
+    });
     loop {
-        let received = sqs
+        let received = runner
+            .sqs
             .receive_message()
-            .queue_url(&queue_url)
+            .queue_url(&runner.queue_url)
             .max_number_of_messages(10)
             .wait_time_seconds(1)
             .visibility_timeout(30)
@@ -387,39 +455,91 @@ async fn object_events(
                 continue;
             }
         };
+        // Dropped with the runner, which aborts the invocations still running.
+        let mut running = tokio::task::JoinSet::new();
         for message in messages {
-            let body = message.body.as_deref().unwrap_or_default();
-            let handled = match crate::lambda_s3_event(body)
-                .and_then(|v| serde_json::from_value::<S3Event>(v).ok())
-            {
-                // S3's test event, sent when notifications are configured: nothing to do.
-                None => true,
-                Some(event) => {
-                    stats.events.fetch_add(1, Ordering::Relaxed);
-                    match enqueue::handle(&handler, event).await {
-                        Ok(_) => true,
-                        Err(e) => {
-                            stats.handler_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(error = %e, "enqueue failed; the event will be delivered again");
-                            false
-                        }
-                    }
+            let runner = runner.clone();
+            running.spawn(async move { runner.invocation(message).await });
+        }
+        while running.join_next().await.is_some() {}
+    }
+}
+
+/// What the object-event runner works with.
+struct EventRunner {
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+    handler: Enqueue,
+    stats: Arc<RunnerStats>,
+    chaos: Option<Arc<Chaos>>,
+}
+
+impl EventRunner {
+    /// One enqueue invocation on one S3 notification.
+    async fn invocation(&self, message: aws_sdk_sqs::types::Message) {
+        let (sqs, queue_url, stats, chaos) = (&self.sqs, &self.queue_url, &self.stats, &self.chaos);
+        let body = message.body.as_deref().unwrap_or_default();
+        let mut crashed = false;
+        let handled = match crate::lambda_s3_event(body)
+            .and_then(|v| serde_json::from_value::<S3Event>(v).ok())
+        {
+            // S3's test event, sent when notifications are configured: nothing to do.
+            None => true,
+            Some(event) => {
+                stats.events.fetch_add(1, Ordering::Relaxed);
+                if let Some(chaos) = chaos
+                    && chaos.duplicate_event()
+                {
+                    // S3 delivers the same notification once more, a little later.
+                    let _ = sqs
+                        .send_message()
+                        .queue_url(queue_url)
+                        .message_body(body)
+                        .send()
+                        .await;
                 }
-            };
-            if handled && let Some(handle) = message.receipt_handle {
-                let _ = sqs
-                    .delete_message()
-                    .queue_url(&queue_url)
-                    .receipt_handle(handle)
-                    .send()
-                    .await;
+                let (outcome, invocation) = invoke(
+                    chaos.as_ref(),
+                    Function::Enqueue,
+                    enqueue::handle(&self.handler, event),
+                )
+                .await;
+                crashed = invocation.is_some_and(|i| i.crashed());
+                match outcome {
+                    Some(Ok(_)) => true,
+                    Some(Err(e)) => {
+                        stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "enqueue failed; the event will be delivered again");
+                        false
+                    }
+                    None => false,
+                }
             }
+        };
+        let Some(handle) = message.receipt_handle else {
+            return;
+        };
+        if handled {
+            let _ = sqs
+                .delete_message()
+                .queue_url(queue_url)
+                .receipt_handle(handle)
+                .send()
+                .await;
+        } else if let Some(chaos) = chaos {
+            let id = message.message_id.unwrap_or_default();
+            chaos.release(queue_url, &[(id, handle)], crashed).await;
         }
     }
 }
 
 /// EventBridge → submit, on a fixed rate.
-async fn schedule(handler: Submit, every: Duration, stats: Arc<RunnerStats>) {
+async fn schedule(
+    handler: Submit,
+    every: Duration,
+    stats: Arc<RunnerStats>,
+    chaos: Option<Arc<Chaos>>,
+) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -436,9 +556,22 @@ async fn schedule(handler: Submit, every: Duration, stats: Arc<RunnerStats>) {
             "detail": {}
         });
         stats.submit_runs.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = submit::handle(&handler, event).await {
+        let (outcome, invocation) = invoke(
+            chaos.as_ref(),
+            Function::Submit,
+            submit::handle(&handler, event),
+        )
+        .await;
+        if let Some(Err(e)) = outcome {
             stats.handler_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "scheduled submit run reported errors");
+        }
+        if let (Some(chaos), Some(invocation)) = (&chaos, invocation) {
+            let url = &handler.config.pending_queue_url;
+            let left = invocation.held(url);
+            if !left.is_empty() {
+                chaos.release(url, &left, invocation.crashed()).await;
+            }
         }
     }
 }
@@ -533,18 +666,32 @@ fn function_url_response(response: &Value) -> Response {
     (status, headers, body).into_response()
 }
 
-/// SQS harvest queue → the webhook binary's harvest handler, with Lambda's partial batch
-/// failure semantics: only the messages the handler did not report are deleted.
-async fn harvest_queue(
+/// What the harvest-queue runner works with.
+#[derive(Clone)]
+struct HarvestRunner {
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
     handler: Arc<Webhook>,
     stats: Arc<RunnerStats>,
-) {
+    chaos: Option<Arc<Chaos>>,
+}
+
+/// SQS harvest queue → the webhook binary's harvest handler, with Lambda's partial batch
+/// failure semantics: only the messages the handler did not report are deleted. Up to
+/// `concurrency` invocations run at once.
+async fn harvest_queue(runner: HarvestRunner, concurrency: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    // Dropped with the runner, which aborts the invocations still running.
+    let mut running = tokio::task::JoinSet::new();
     loop {
-        let received = sqs
+        while running.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let received = runner
+            .sqs
             .receive_message()
-            .queue_url(&queue_url)
+            .queue_url(&runner.queue_url)
             .max_number_of_messages(10)
             .wait_time_seconds(1)
             .visibility_timeout(60)
@@ -564,6 +711,31 @@ async fn harvest_queue(
         if messages.is_empty() {
             continue;
         }
+        if let Some(chaos) = &runner.chaos {
+            chaos
+                .redeliver(&runner.queue_url, &message_handles(&messages))
+                .await;
+        }
+        let runner = runner.clone();
+        running.spawn(async move {
+            runner.invocation(messages).await;
+            drop(slot);
+        });
+    }
+}
+
+/// (message id, receipt handle) of each message.
+fn message_handles(messages: &[aws_sdk_sqs::types::Message]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .filter_map(|m| Some((m.message_id.clone()?, m.receipt_handle.clone()?)))
+        .collect()
+}
+
+impl HarvestRunner {
+    /// One invocation on a batch of harvest-queue messages.
+    async fn invocation(&self, messages: Vec<aws_sdk_sqs::types::Message>) {
+        let (sqs, queue_url, stats) = (&self.sqs, &self.queue_url, &self.stats);
         stats
             .harvest_messages
             .fetch_add(messages.len() as u64, Ordering::Relaxed);
@@ -576,49 +748,72 @@ async fn harvest_queue(
             record.event_source = Some("aws:sqs".into());
             record.event_source_arn = Some(format!(
                 "arn:aws:sqs:us-east-1:000000000000:{}",
-                queue_name(&queue_url)
+                queue_name(queue_url)
             ));
             record.aws_region = Some("us-east-1".into());
             event.records.push(record);
         }
+        let all = || -> Vec<String> {
+            messages
+                .iter()
+                .filter_map(|m| m.message_id.clone())
+                .collect()
+        };
+        let mut crashed = false;
         let failures: Vec<String> = match serde_json::to_value(&event) {
-            Ok(event) => match webhook::handle(&handler, event).await {
-                Ok(response) => serde_json::from_value::<SqsBatchResponse>(response)
-                    .map(|r| {
-                        r.batch_item_failures
-                            .into_iter()
-                            .map(|f| f.item_identifier)
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                Err(e) => {
-                    stats.handler_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "the harvest handler failed");
-                    messages
-                        .iter()
-                        .filter_map(|m| m.message_id.clone())
-                        .collect()
+            Ok(event) => {
+                let (outcome, invocation) = invoke(
+                    self.chaos.as_ref(),
+                    Function::Harvest,
+                    webhook::handle(&self.handler, event),
+                )
+                .await;
+                crashed = invocation.is_some_and(|i| i.crashed());
+                match outcome {
+                    Some(Ok(response)) => serde_json::from_value::<SqsBatchResponse>(response)
+                        .map(|r| {
+                            r.batch_item_failures
+                                .into_iter()
+                                .map(|f| f.item_identifier)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    Some(Err(e)) => {
+                        stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "the harvest handler failed");
+                        all()
+                    }
+                    // Killed: Lambda retries the whole batch.
+                    None => all(),
                 }
-            },
+            }
             Err(_) => Vec::new(),
         };
+        let mut left = Vec::new();
         for message in messages {
             let failed = message
                 .message_id
                 .as_ref()
                 .is_some_and(|id| failures.contains(id));
+            let Some(handle) = message.receipt_handle else {
+                continue;
+            };
             if failed {
                 stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                left.push((message.message_id.unwrap_or_default(), handle));
                 continue;
             }
-            if let Some(handle) = message.receipt_handle {
-                let _ = sqs
-                    .delete_message()
-                    .queue_url(&queue_url)
-                    .receipt_handle(handle)
-                    .send()
-                    .await;
-            }
+            let _ = sqs
+                .delete_message()
+                .queue_url(queue_url)
+                .receipt_handle(handle)
+                .send()
+                .await;
+        }
+        if let Some(chaos) = &self.chaos
+            && !left.is_empty()
+        {
+            chaos.release(queue_url, &left, crashed).await;
         }
     }
 }

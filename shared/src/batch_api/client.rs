@@ -299,7 +299,9 @@ impl BatchClient {
                 Ok(response) => {
                     let status = response.status();
                     let retry_after = retry_after(response.headers());
-                    let message = self.redact(&error_message(response).await);
+                    // Redacted before it is cut short: a cut through the key would leave
+                    // a piece of it that no longer matches.
+                    let message = error_message(response, |text| self.redact(text)).await;
                     let error = BatchApiError::Status {
                         operation,
                         status: status.as_u16(),
@@ -351,7 +353,10 @@ impl BatchClient {
             })?;
         serde_json::from_slice(&body).map_err(|e| BatchApiError::Decode {
             operation,
-            detail: format!("{e}; body starts {:?}", self.redact(&snippet(&body))),
+            detail: format!(
+                "{e}; body starts {:?}",
+                snippet(self.redact(&String::from_utf8_lossy(&body)).as_bytes())
+            ),
         })
     }
 
@@ -392,12 +397,14 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
-/// The provider's `error.message` when the body is OpenAI-style JSON, else a snippet.
-async fn error_message(response: Response) -> String {
+/// The provider's `error.message` when the body is OpenAI-style JSON, else a snippet;
+/// `redact` is applied to the whole text before it is shortened.
+async fn error_message(response: Response, redact: impl Fn(&str) -> String) -> String {
     let body = match response.bytes().await {
         Ok(body) => body,
         Err(_) => return "(no body)".into(),
     };
+    let body = redact(&String::from_utf8_lossy(&body)).into_bytes();
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) {
         let message = value
             .pointer("/error/message")
@@ -406,7 +413,9 @@ async fn error_message(response: Response) -> String {
             .or_else(|| value.get("error"))
             .and_then(|m| m.as_str());
         if let Some(message) = message {
-            return message.chars().take(500).collect();
+            // Again after parsing: JSON escapes can spell the key so that the raw body
+            // did not show it.
+            return redact(message).chars().take(500).collect();
         }
     }
     if body.is_empty() {
