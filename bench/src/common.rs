@@ -138,3 +138,22 @@ pub fn header(what: &str) {
     println!("machine: {}", machine());
     println!("load before: {}", load());
 }
+
+/// Runs this binary's hidden child subcommand (its own process, so that its peak RSS is
+/// its own) and reads the JSON report it prints as its last line.
+pub async fn run_child<T: serde::de::DeserializeOwned>(
+    mut command: tokio::process::Command,
+    what: &str,
+) -> anyhow::Result<T> {
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    anyhow::ensure!(output.status.success(), "the {what} child failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("the {what} child printed nothing"))?;
+    Ok(serde_json::from_str(last)?)
+}

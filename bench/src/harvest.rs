@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shotlabel_localstack::{local_sdk_config, s3_client, sqs_client};
@@ -252,25 +251,16 @@ pub async fn harvest_bench(args: &HarvestArgs) -> anyhow::Result<()> {
     }
     drop(lines);
     let load_before = load();
-    let child = tokio::process::Command::new(std::env::current_exe()?)
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command
         .arg("harvest-child")
         .args(["--endpoint", stack.moto.endpoint()])
         .args(["--bucket", &bucket])
         .args(["--pending-queue-url", &stack.resources.pending_queue_url])
         .args(["--manifest", &manifest.name])
         .arg("--output")
-        .arg(&output)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .await?;
-    anyhow::ensure!(child.status.success(), "the harvest child failed");
-    let stdout = String::from_utf8_lossy(&child.stdout);
-    let report: HarvestChildReport = serde_json::from_str(
-        stdout
-            .lines()
-            .last()
-            .context("the harvest child printed nothing")?,
-    )?;
+        .arg(&output);
+    let report: HarvestChildReport = crate::common::run_child(command, "harvest").await?;
     let labels = stack.store.list(&bucket, "labels/harvest/").await?.len();
     anyhow::ensure!(
         labels as u64 == report.counts.labelled,

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use shotlabel_localstack::{local_sdk_config, s3_client, sqs_client};
@@ -107,7 +106,8 @@ pub async fn submit_memory(args: &SubmitArgs) -> anyhow::Result<()> {
 
     let work_dir = tempfile::tempdir()?;
     let load_before = load();
-    let output = tokio::process::Command::new(std::env::current_exe()?)
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command
         .arg("submit-child")
         .args(["--endpoint", stack.moto.endpoint()])
         .args(["--bucket", &bucket])
@@ -115,18 +115,8 @@ pub async fn submit_memory(args: &SubmitArgs) -> anyhow::Result<()> {
         .args(["--provider-url", &emulator.base_url()])
         .args(["--concurrency", &args.concurrency.to_string()])
         .arg("--work-dir")
-        .arg(work_dir.path())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .await?;
-    anyhow::ensure!(output.status.success(), "the submitter child failed");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: SubmitChildReport = serde_json::from_str(
-        stdout
-            .lines()
-            .last()
-            .context("the submitter child printed nothing")?,
-    )?;
+        .arg(work_dir.path());
+    let report: SubmitChildReport = crate::common::run_child(command, "submitter").await?;
     anyhow::ensure!(
         report.prepared == args.images && report.errors.is_empty(),
         "the run did not prepare every image: {report:?}"
