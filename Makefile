@@ -128,7 +128,7 @@ fuzz: $(CARGO_FUZZ_STAMP)
 	done
 
 # Benchmarks (docs/benchmarks.md): a release build of the CLI and the bench binary, then
-# each figure's command. `make bench` runs them all: most of an hour on 2 cores, nearly all of
+# each figure's command. `make bench` runs them all: about a quarter of an hour on 2 cores, most of
 # it moto serving the submit-memory, harvest and e2e runs.
 BENCH := $(TARGET_DIR)/release/shotlabel-bench
 .PHONY: bench bench-build

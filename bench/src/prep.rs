@@ -570,18 +570,18 @@ fn sweep(task: &Task, dump: Option<&Path>) -> anyhow::Result<()> {
         let variants: &[(jpeg_encoder::SamplingFactor, &str, bool)] =
             if quality == settings.jpeg_quality {
                 &[
-                    (jpeg_encoder::SamplingFactor::F_1_1, "4:4:4", true),
+                    (jpeg_encoder::SamplingFactor::F_1_1, "4:4:4", false),
                     (
                         jpeg_encoder::SamplingFactor::F_1_1,
-                        "4:4:4 standard Huffman tables",
-                        false,
+                        "4:4:4 optimised Huffman tables",
+                        true,
                     ),
-                    (jpeg_encoder::SamplingFactor::F_2_2, "4:2:0", true),
+                    (jpeg_encoder::SamplingFactor::F_2_2, "4:2:0", false),
                 ]
             } else {
                 &[
-                    (jpeg_encoder::SamplingFactor::F_1_1, "4:4:4", true),
-                    (jpeg_encoder::SamplingFactor::F_2_2, "4:2:0", true),
+                    (jpeg_encoder::SamplingFactor::F_1_1, "4:4:4", false),
+                    (jpeg_encoder::SamplingFactor::F_2_2, "4:2:0", false),
                 ]
             };
         for &(sampling, name, optimize) in variants {

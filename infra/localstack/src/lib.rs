@@ -56,7 +56,7 @@ impl MotoServer {
         for _ in 0..3 {
             let port = free_port()?;
             let endpoint = format!("http://127.0.0.1:{port}");
-            let child = Command::new(&program)
+            let child = moto_command(&program)
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -132,6 +132,20 @@ pub use shotlabel_shared::aws::{s3_client, sqs_client};
 fn free_port() -> Result<u16, LocalStackError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(LocalStackError::Port)?;
     Ok(listener.local_addr().map_err(LocalStackError::Port)?.port())
+}
+
+/// moto_server through `moto_server.py` (its SQS clock made cheap for long queues) when the
+/// interpreter of its virtualenv is beside it; as it is otherwise, and always when
+/// `SHOTLABEL_MOTO_SERVER` names it.
+fn moto_command(program: &Path) -> Command {
+    let python = program.with_file_name("python");
+    if std::env::var_os("SHOTLABEL_MOTO_SERVER").is_none() && python.is_file() {
+        let mut command = Command::new(python);
+        command.arg("-c").arg(include_str!("../moto_server.py"));
+        command
+    } else {
+        Command::new(program)
+    }
 }
 
 /// `SHOTLABEL_MOTO_SERVER`, else `.venv/bin/moto_server` in the current directory or the
