@@ -134,7 +134,7 @@ fn free_port() -> Result<u16, LocalStackError> {
     Ok(listener.local_addr().map_err(LocalStackError::Port)?.port())
 }
 
-/// moto_server through `moto_server.py` (its SQS clock made cheap for long queues) when the
+/// moto_server through `moto_server.py` (cheaper per request on long runs, same answers) when the
 /// interpreter of its virtualenv is beside it; as it is otherwise, and always when
 /// `SHOTLABEL_MOTO_SERVER` names it.
 fn moto_command(program: &Path) -> Command {
