@@ -1,8 +1,8 @@
 //! Submit: drain the pending queue, prepare each image, write request files within the
 //! provider's limits, and submit each file as a batch.
 //!
-//! Per file, in this order: manifest to S3, upload, create the batch, state record and
-//! open marker, and only then delete the items' messages. A crash anywhere before the
+//! Per file, in this order: manifest to S3, upload, create the batch, open marker, state
+//! record, and only then delete the items' messages. A crash anywhere before the
 //! delete brings the messages back and the items go out again in a second batch; harvest
 //! recognises the second answer for an image as a duplicate (ARCHITECTURE.md, invariants).
 
@@ -510,16 +510,10 @@ where
             harvested_at: None,
         };
         let body = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
-        // The batch exists now: from here a failure still leaves it harvestable (its
-        // webhook names it, and its metadata names its manifest).
-        put_state(
-            self.store,
-            bucket,
-            &state_keys::manifest_batch(name),
-            batch.id.clone().into_bytes(),
-        )
-        .await?;
-        put_state(self.store, bucket, &state_keys::batch(&batch.id), body).await?;
+        // The batch exists now. The open marker goes first: it is what reconciliation
+        // lists, so once it is written a crash and a lost webhook together still cannot
+        // orphan the batch (harvest writes the state record if it is missing). Written
+        // after the record, a crash between the two left a record nobody looked at.
         put_state(
             self.store,
             bucket,
@@ -527,6 +521,29 @@ where
             Vec::new(),
         )
         .await?;
+        put_state(
+            self.store,
+            bucket,
+            &state_keys::manifest_batch(name),
+            batch.id.clone().into_bytes(),
+        )
+        .await?;
+        // Only if absent: a quick batch can be harvested before this line, and its
+        // harvested record must not go back to open.
+        match self
+            .store
+            .put(
+                bucket,
+                &state_keys::batch(&batch.id),
+                body,
+                "application/json",
+                WriteCondition::IfAbsent,
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::ConditionFailed { .. }) => {}
+            Err(e) => return Err(e.to_string()),
+        }
         Ok(SubmittedBatch {
             batch_id: batch.id,
             manifest: name.to_owned(),

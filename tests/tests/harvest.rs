@@ -523,6 +523,53 @@ async fn a_harvest_repeated_after_a_crash_writes_and_requeues_nothing_twice() ->
     Ok(())
 }
 
+/// The submitter dies writing a batch's state record, and the batch's webhook is lost:
+/// the open marker, written first, still brings the batch to reconciliation. (The chaos
+/// soak found the record-before-marker order losing a batch this way.)
+#[tokio::test]
+async fn a_submit_that_dies_writing_the_batch_record_leaves_it_to_reconciliation()
+-> anyhow::Result<()> {
+    let stack = stack("harvest-submit-crash").await?;
+    let emulator = emulator(FaultSettings::default()).await?;
+    let client = client(&emulator, quick_retries(3))?;
+    enqueue(
+        &stack,
+        put_files(&stack, &files("screenshots")?[..3]).await?,
+    )
+    .await?;
+    let crashing = CrashBeforeRecord {
+        inner: &stack.store,
+        crash: AtomicBool::new(true),
+    };
+    let report = run_submit(
+        &crashing,
+        &stack.queue,
+        &client,
+        &submit_config(&stack, BatchLimits::default())?,
+    )
+    .await?;
+    assert!(report.batches.is_empty(), "{report:?}");
+    assert!(!report.errors.is_empty(), "the crash is reported");
+    assert!(list(&stack, "state/batches/").await?.is_empty());
+    let markers = list(&stack, state_keys::OPEN_PREFIX).await?;
+    let [marker] = markers.as_slice() else {
+        anyhow::bail!("one open marker expected, found {markers:?}");
+    };
+    let batch_id = state_keys::batch_id_of_marker(marker)
+        .ok_or_else(|| anyhow::anyhow!("{marker} names no batch"))?;
+    wait_terminal(&client, &batch_id).await?;
+
+    let config = harvest_config(&stack)?;
+    let done = reconcile(&stack.store, &stack.queue, &client, &config, Duration::ZERO).await?;
+    assert_eq!((done.open, done.harvested), (1, 1), "{done:?}");
+    assert_eq!(done.counts.labelled, 3, "{done:?}");
+    assert_eq!(list(&stack, "labels/").await?.len(), 3);
+    let record: BatchRecord = read_json(&stack, &state_keys::batch(&batch_id)).await?;
+    assert_eq!(record.phase, BatchPhase::Harvested);
+    assert!(list(&stack, state_keys::OPEN_PREFIX).await?.is_empty());
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyhow::Result<()> {
     use shotlabel_shared::batch_api::CreateBatchRequest;
