@@ -28,6 +28,16 @@ fn request(batch_id: &str) -> HarvestRequest {
     }
 }
 
+/// Puts the first `count` fixture screenshots in and queues them as enqueue would.
+async fn enqueue_screenshots(stack: &Stack, count: usize) -> anyhow::Result<()> {
+    enqueue(
+        stack,
+        put_files(stack, &files("screenshots")?[..count]).await?,
+    )
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn every_screenshot_gets_one_valid_label_with_provenance() -> anyhow::Result<()> {
     let stack = stack("harvest-labels").await?;
@@ -385,11 +395,7 @@ async fn reconciliation_harvests_a_batch_whose_webhook_never_came() -> anyhow::R
     let stack = stack("harvest-reconcile").await?;
     let emulator = emulator(FaultSettings::default()).await?;
     let client = client(&emulator, quick_retries(3))?;
-    enqueue(
-        &stack,
-        put_files(&stack, &files("screenshots")?[..3]).await?,
-    )
-    .await?;
+    enqueue_screenshots(&stack, 3).await?;
     let report = run_submit(
         &stack.store,
         &stack.queue,
@@ -532,11 +538,7 @@ async fn a_submit_that_dies_writing_the_batch_record_leaves_it_to_reconciliation
     let stack = stack("harvest-submit-crash").await?;
     let emulator = emulator(FaultSettings::default()).await?;
     let client = client(&emulator, quick_retries(3))?;
-    enqueue(
-        &stack,
-        put_files(&stack, &files("screenshots")?[..3]).await?,
-    )
-    .await?;
+    enqueue_screenshots(&stack, 3).await?;
     let crashing = CrashBeforeRecord {
         inner: &stack.store,
         crash: AtomicBool::new(true),
@@ -584,11 +586,7 @@ async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyh
     config.max_requests = 2;
     let emulator = batch_emulator::spawn(config).await?;
     let client = client(&emulator, quick_retries(3))?;
-    enqueue(
-        &stack,
-        put_files(&stack, &files("screenshots")?[..3]).await?,
-    )
-    .await?;
+    enqueue_screenshots(&stack, 3).await?;
     let report = run_submit(
         &stack.store,
         &stack.queue,
