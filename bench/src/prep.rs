@@ -13,7 +13,8 @@ use image::codecs::jpeg::JpegEncoder;
 use image::imageops::FilterType;
 use image::{DynamicImage, ExtendedColorType, RgbImage};
 use shotlabel_shared::prepare::{
-    DecodeLimits, data_uri, decode, encode_jpeg, fit_within, flatten_to_rgb, prepare_jpeg,
+    DecodeLimits, JpegSettings, data_uri, decode, encode_jpeg, encode_jpeg_with, fit_within,
+    flatten_to_rgb, prepare_jpeg,
 };
 use shotlabel_shared::request::{request_line, request_line_with_jpeg};
 use shotlabel_shared::task::Task;
@@ -567,40 +568,41 @@ fn sweep(task: &Task, dump: Option<&Path>) -> anyhow::Result<()> {
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for quality in [60u8, 70, 75, 80, 85, 90] {
-        let variants: &[(jpeg_encoder::SamplingFactor, &str, bool)] =
-            if quality == settings.jpeg_quality {
-                &[
-                    (jpeg_encoder::SamplingFactor::F_1_1, "4:4:4", false),
-                    (
-                        jpeg_encoder::SamplingFactor::F_1_1,
-                        "4:4:4 optimised Huffman tables",
-                        true,
-                    ),
-                    (jpeg_encoder::SamplingFactor::F_2_2, "4:2:0", false),
-                ]
-            } else {
-                &[
-                    (jpeg_encoder::SamplingFactor::F_1_1, "4:4:4", false),
-                    (jpeg_encoder::SamplingFactor::F_2_2, "4:2:0", false),
-                ]
-            };
-        for &(sampling, name, optimize) in variants {
+        // (settings, name, jpeg-encoder instead of the encoder the submitter uses)
+        let full = JpegSettings::sent(quality);
+        let half = JpegSettings {
+            full_chroma: false,
+            ..full
+        };
+        let variants: Vec<(JpegSettings, &str, bool)> = if quality == settings.jpeg_quality {
+            vec![
+                (full, "4:4:4", false),
+                (
+                    JpegSettings {
+                        optimize_huffman: true,
+                        ..full
+                    },
+                    "4:4:4 optimised Huffman tables",
+                    false,
+                ),
+                (half, "4:2:0", false),
+                (full, "4:4:4 jpeg-encoder (pure Rust, before)", true),
+            ]
+        } else {
+            vec![(full, "4:4:4", false), (half, "4:2:0", false)]
+        };
+        for (jpeg_settings, name, pure_rust) in variants {
             let mut bytes = 0usize;
             let mut line_bytes = 0usize;
             let mut psnrs = Vec::new();
             let mut encode = Duration::ZERO;
             for (resized, reference) in &images {
-                let mut jpeg = Vec::new();
                 let started = Instant::now();
-                let mut encoder = jpeg_encoder::Encoder::new(&mut jpeg, quality);
-                encoder.set_sampling_factor(sampling);
-                encoder.set_optimized_huffman_tables(optimize);
-                encoder.encode(
-                    resized.as_raw(),
-                    u16::try_from(resized.width())?,
-                    u16::try_from(resized.height())?,
-                    jpeg_encoder::ColorType::Rgb,
-                )?;
+                let jpeg = if pure_rust {
+                    encode_pure_rust(resized, quality)?
+                } else {
+                    encode_jpeg_with(resized, &jpeg_settings)?
+                };
                 encode += started.elapsed();
                 let sent = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg)?
                     .into_rgb8();
@@ -634,4 +636,20 @@ fn sweep(task: &Task, dump: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The JPEG encoder the submitter used before mozjpeg (jpeg-encoder, AVX2), with the same
+/// settings as [`JpegSettings::sent`], for comparison.
+fn encode_pure_rust(rgb: &RgbImage, quality: u8) -> anyhow::Result<Vec<u8>> {
+    let mut jpeg = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut jpeg, quality);
+    encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::F_1_1);
+    encoder.set_optimized_huffman_tables(false);
+    encoder.encode(
+        rgb.as_raw(),
+        u16::try_from(rgb.width())?,
+        u16::try_from(rgb.height())?,
+        jpeg_encoder::ColorType::Rgb,
+    )?;
+    Ok(jpeg)
 }

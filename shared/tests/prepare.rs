@@ -275,3 +275,61 @@ fn quality_and_size_follow_the_task() -> anyhow::Result<()> {
     assert!(lower.jpeg_bytes < default.jpeg_bytes);
     Ok(())
 }
+
+/// The frame header of a JPEG: its SOF marker and each component's sampling byte.
+fn frame_header(jpeg: &[u8]) -> anyhow::Result<(u8, Vec<u8>)> {
+    anyhow::ensure!(jpeg.starts_with(&[0xFF, 0xD8]), "no SOI marker");
+    let mut at = 2;
+    while at + 4 <= jpeg.len() {
+        anyhow::ensure!(jpeg[at] == 0xFF, "no marker at byte {at}");
+        let marker = jpeg[at + 1];
+        let length = usize::from(u16::from_be_bytes([jpeg[at + 2], jpeg[at + 3]]));
+        let segment = jpeg
+            .get(at + 4..at + 2 + length)
+            .ok_or_else(|| anyhow::anyhow!("a segment runs past the end"))?;
+        if (0xC0..=0xC2).contains(&marker) {
+            let components = usize::from(segment[5]);
+            let sampling = (0..components).map(|i| segment[6 + 3 * i + 1]).collect();
+            return Ok((marker, sampling));
+        }
+        anyhow::ensure!(marker != 0xDA, "scan data before any frame header");
+        at += 2 + length;
+    }
+    anyhow::bail!("no frame header")
+}
+
+#[test]
+fn the_jpeg_is_baseline_full_chroma_and_faithful() -> anyhow::Result<()> {
+    use shotlabel_shared::prepare::{JpegSettings, encode_jpeg, encode_jpeg_with, fit_within};
+
+    let source = image::open(data("screenshots/saas-landing.png"))?.into_rgb8();
+    let resized = fit_within(source, 896);
+    let sent = encode_jpeg(&resized, 85)?;
+    // Baseline (SOF0), three components, none subsampled (4:4:4).
+    assert_eq!(frame_header(&sent)?, (0xC0, vec![0x11, 0x11, 0x11]));
+    let decoded = image::load_from_memory(&sent)?.into_rgb8();
+    assert!(mean_abs_diff(&decoded, &resized) < 2.0);
+
+    let half_chroma = encode_jpeg_with(
+        &resized,
+        &JpegSettings {
+            full_chroma: false,
+            ..JpegSettings::sent(85)
+        },
+    )?;
+    assert_eq!(frame_header(&half_chroma)?, (0xC0, vec![0x22, 0x11, 0x11]));
+    assert!(half_chroma.len() < sent.len());
+
+    let optimized = encode_jpeg_with(
+        &resized,
+        &JpegSettings {
+            optimize_huffman: true,
+            ..JpegSettings::sent(85)
+        },
+    )?;
+    assert!(optimized.len() < sent.len());
+    // Same coefficients, other code words: the same pixels.
+    let decoded_optimized = image::load_from_memory(&optimized)?.into_rgb8();
+    assert_eq!(decoded_optimized, decoded);
+    Ok(())
+}
