@@ -238,8 +238,8 @@ pub fn encode_jpeg(rgb: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError>
 }
 
 /// Encodes with libjpeg-turbo's code and SIMD (as built into mozjpeg, with mozjpeg's own
-/// slow searches turned off by its "fastest" profile): 3x faster than the pure-Rust
-/// encoders on our screenshots, byte for byte the same kind of file
+/// slow searches turned off by its "fastest" profile): about 3x faster than the pure-Rust
+/// jpeg-encoder on our screenshots, for the same baseline file within a few bytes
 /// (`docs/benchmarks.md`).
 pub fn encode_jpeg_with(rgb: &RgbImage, settings: &JpegSettings) -> Result<Vec<u8>, PrepareError> {
     const JPEG_MAX_SIDE: u32 = 65_535;
