@@ -10,10 +10,10 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::records::Layout;
+use shotlabel_core::task::Task;
 use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions};
-use shotlabel_shared::ports::ObjectStore;
-use shotlabel_shared::records::Layout;
-use shotlabel_shared::task::Task;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -117,7 +117,7 @@ fn interesting(meta: &tracing::Metadata<'_>) -> bool {
     let target = meta.target();
     *meta.level() <= tracing::Level::DEBUG
         && [
-            "shotlabel_shared",
+            "shotlabel_core",
             "batch_emulator",
             "enqueue",
             "submit",

@@ -10,20 +10,18 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use shotlabel_localstack::{local_sdk_config, s3_client, sqs_client};
-use shotlabel_shared::answer::{LineOutcome, interpret_line};
-use shotlabel_shared::aws::{S3Store, SqsQueue};
-use shotlabel_shared::batch_api::{
-    Batch, BatchApiError, CreateBatchRequest, FileObject, OutputLine,
-};
-use shotlabel_shared::harvest::{HarvestConfig, HarvestOutcome, harvest};
-use shotlabel_shared::ports::{BatchProvider, LineReader, ObjectStore, WriteCondition};
-use shotlabel_shared::records::{
+use shotlabel_aws::{S3Store, SqsQueue};
+use shotlabel_core::answer::{LineOutcome, interpret_line};
+use shotlabel_core::batch_api::{Batch, BatchApiError, CreateBatchRequest, FileObject, OutputLine};
+use shotlabel_core::harvest::{HarvestConfig, HarvestOutcome, harvest};
+use shotlabel_core::ports::{BatchProvider, LineReader, ObjectStore, WriteCondition};
+use shotlabel_core::records::{
     HarvestCounts, HarvestRequest, Layout, Manifest, PendingItem, TaskRef, state_keys, unix_now,
 };
-use shotlabel_shared::request::custom_id;
-use shotlabel_shared::submit::METADATA_MANIFEST;
-use shotlabel_shared::task::Task;
+use shotlabel_core::request::custom_id;
+use shotlabel_core::submit::METADATA_MANIFEST;
+use shotlabel_core::task::Task;
+use shotlabel_localstack::{local_sdk_config, s3_client, sqs_client};
 
 use crate::common::{header, load, median, mib, peak_rss_kib};
 use crate::stack::{INPUT, Stack};

@@ -12,12 +12,12 @@ use anyhow::Context;
 use image::codecs::jpeg::JpegEncoder;
 use image::imageops::FilterType;
 use image::{DynamicImage, ExtendedColorType, RgbImage};
-use shotlabel_shared::prepare::{
+use shotlabel_core::prepare::{
     DecodeLimits, JpegSettings, data_uri, decode, encode_jpeg, encode_jpeg_with, fit_within,
     flatten_to_rgb, prepare_jpeg,
 };
-use shotlabel_shared::request::{request_line, request_line_with_jpeg};
-use shotlabel_shared::task::Task;
+use shotlabel_core::request::{request_line, request_line_with_jpeg};
+use shotlabel_core::task::Task;
 
 use crate::common::{header, load, median, screenshots, workspace};
 
@@ -365,7 +365,7 @@ fn baseline_line(custom_id: &str, task: &Task, jpeg: &[u8]) -> Vec<u8> {
     serde_json::json!({
         "custom_id": custom_id,
         "method": "POST",
-        "url": shotlabel_shared::request::CHAT_COMPLETIONS,
+        "url": shotlabel_core::request::CHAT_COMPLETIONS,
         "body": task.chat_completion_body(&uri),
     })
     .to_string()

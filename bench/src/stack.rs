@@ -7,10 +7,10 @@ use std::time::Instant;
 use anyhow::Context;
 use batch_emulator::{EmulatorConfig, RunningEmulator};
 use futures_util::StreamExt;
+use shotlabel_aws::{S3Store, SqsQueue};
+use shotlabel_core::enqueue::NewObject;
+use shotlabel_core::ports::{ObjectStore, WriteCondition};
 use shotlabel_localstack::{LocalResources, MotoServer, create_resources, s3_client, sqs_client};
-use shotlabel_shared::aws::{S3Store, SqsQueue};
-use shotlabel_shared::enqueue::NewObject;
-use shotlabel_shared::ports::{ObjectStore, WriteCondition};
 
 use crate::common::{png_variant, screenshot_bytes};
 

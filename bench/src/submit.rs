@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
+use shotlabel_aws::{S3Store, SqsQueue};
+use shotlabel_batch_client::{BatchApiConfig, BatchClient};
+use shotlabel_core::enqueue::{EnqueueConfig, enqueue_objects};
+use shotlabel_core::prepare::DecodeLimits;
+use shotlabel_core::records::{Layout, TaskRef};
+use shotlabel_core::request::BatchLimits;
+use shotlabel_core::submit::{SubmitConfig, run_submit};
+use shotlabel_core::task::Task;
 use shotlabel_localstack::{local_sdk_config, s3_client, sqs_client};
-use shotlabel_shared::aws::{S3Store, SqsQueue};
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient};
-use shotlabel_shared::enqueue::{EnqueueConfig, enqueue_objects};
-use shotlabel_shared::prepare::DecodeLimits;
-use shotlabel_shared::records::{Layout, TaskRef};
-use shotlabel_shared::request::BatchLimits;
-use shotlabel_shared::submit::{SubmitConfig, run_submit};
-use shotlabel_shared::task::Task;
 
 use crate::common::{header, load, mib, peak_rss_kib, rss_kib};
 use crate::stack::{EMULATOR_KEY, INPUT, Stack, emulator, upload_variants};

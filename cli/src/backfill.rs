@@ -11,10 +11,10 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use futures_util::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use shotlabel_shared::aws::{S3Store, SqsQueue};
-use shotlabel_shared::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_objects};
-use shotlabel_shared::ports::MAX_BATCH_MESSAGES;
-use shotlabel_shared::records::TaskRef;
+use shotlabel_aws::{S3Store, SqsQueue};
+use shotlabel_core::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_objects};
+use shotlabel_core::ports::MAX_BATCH_MESSAGES;
+use shotlabel_core::records::TaskRef;
 
 use crate::stack::{Aws, Lister, StackArgs, Subject, adapter_error, resolve};
 use crate::task_cmd::load_task;

@@ -21,7 +21,7 @@ use anyhow::{Context, anyhow};
 use futures_util::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Map, Value};
-use shotlabel_shared::records::LabelRecord;
+use shotlabel_core::records::LabelRecord;
 
 use crate::stack::{Aws, Lister, StackArgs, Subject, one_line, printable, resolve};
 use crate::task_cmd::load_task;
@@ -360,7 +360,7 @@ async fn get_object(
     aws: &Aws,
     bucket: &str,
     key: &str,
-    at: Option<&shotlabel_shared::records::SourceRef>,
+    at: Option<&shotlabel_core::records::SourceRef>,
 ) -> Result<Option<Vec<u8>>, GetError> {
     let mut request = aws.s3.get_object().bucket(bucket).key(key);
     if let Some(source) = at {

@@ -15,10 +15,10 @@ use aws_sdk_s3::primitives::ByteStream;
 use indicatif::{ProgressBar, ProgressStyle};
 use secrecy::SecretString;
 use serde_json::Value;
+use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::records::{BatchRecord, FailedRecord, LabelRecord, Layout};
 use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions, ProviderChoice};
 use shotlabel_localstack::s3_client;
-use shotlabel_shared::ports::ObjectStore;
-use shotlabel_shared::records::{BatchRecord, FailedRecord, LabelRecord, Layout};
 
 use crate::task_cmd::load_task;
 

@@ -158,7 +158,7 @@ fn run_report(
         stack::Lister::new(&aws, bucket, &config.input_prefix)
             .next_page()
             .await?;
-        let store = shotlabel_shared::aws::S3Store::new(aws.s3.clone());
+        let store = shotlabel_aws::S3Store::new(aws.s3.clone());
         let summary =
             report::write_report_with(&store, bucket, &config.input_prefix, out, &options)
                 .await

@@ -10,9 +10,9 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::Context;
-use shotlabel_shared::prepare::{DecodeLimits, prepare_jpeg};
-use shotlabel_shared::request::{custom_id, request_line_with_jpeg};
-use shotlabel_shared::task::Task;
+use shotlabel_core::prepare::{DecodeLimits, prepare_jpeg};
+use shotlabel_core::request::{custom_id, request_line_with_jpeg};
+use shotlabel_core::task::Task;
 
 /// The submission id prep's lines carry; the submitter uses a fresh one per submission.
 const PREP_SUBMISSION: &str = "prep";

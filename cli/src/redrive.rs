@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use shotlabel_shared::aws::SqsQueue;
-use shotlabel_shared::ports::{MAX_BATCH_MESSAGES, OutgoingMessage, Queue};
+use shotlabel_aws::SqsQueue;
+use shotlabel_core::ports::{MAX_BATCH_MESSAGES, OutgoingMessage, Queue};
 
 use crate::backfill::check_queue;
 use crate::stack::{Aws, StackArgs, adapter_error, resolve};

@@ -17,7 +17,7 @@ use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::ProvideCredentials;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use shotlabel_shared::records::Layout;
+use shotlabel_core::records::Layout;
 
 /// The CloudFormation outputs `--stack` reads; the SAM template declares outputs with
 /// exactly these names.
@@ -328,7 +328,7 @@ impl Aws {
     /// Loads the standard configuration and checks, before any call, that it has a region
     /// and credentials, so that their absence is said plainly.
     pub async fn connect() -> anyhow::Result<Self> {
-        let sdk = shotlabel_shared::aws::load_sdk_config().await;
+        let sdk = shotlabel_aws::load_sdk_config().await;
         if sdk.region().is_none() {
             return Err(anyhow!(
                 "no AWS region configured: set AWS_REGION (or a region in your AWS profile)"
@@ -348,8 +348,8 @@ impl Aws {
             }
         }
         Ok(Self {
-            s3: shotlabel_shared::aws::s3_client(&sdk),
-            sqs: shotlabel_shared::aws::sqs_client(&sdk),
+            s3: shotlabel_aws::s3_client(&sdk),
+            sqs: shotlabel_aws::sqs_client(&sdk),
             sdk,
         })
     }
@@ -630,7 +630,7 @@ impl<'a> Lister<'a> {
                             .unwrap_or_default()
                             .trim_matches('"')
                             .to_owned(),
-                        key: shotlabel_shared::s3_key::decode_event_key(&o.key?).ok()?,
+                        key: shotlabel_core::s3_key::decode_event_key(&o.key?).ok()?,
                     })
                 })
                 .collect(),

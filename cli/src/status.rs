@@ -15,11 +15,10 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use futures_util::{StreamExt, TryStreamExt};
 use secrecy::SecretString;
 use serde::Serialize;
-use shotlabel_shared::aws::S3Store;
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient, RetryPolicy};
-use shotlabel_shared::ports::ObjectStore;
-use shotlabel_shared::records::{BatchPhase, BatchRecord, state_keys, unix_now};
-use shotlabel_shared::settings;
+use shotlabel_aws::S3Store;
+use shotlabel_batch_client::{BatchApiConfig, BatchClient, RetryPolicy};
+use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::records::{BatchPhase, BatchRecord, state_keys, unix_now};
 
 use crate::stack::{Aws, Lister, StackArgs, Subject, adapter_error, one_line, resolve};
 
@@ -253,8 +252,9 @@ async fn batch_records(
 /// first failure, worded for a person; the batches it could not ask keep their recorded
 /// status and a note.
 async fn ask_provider(open_batches: &mut [OpenBatch]) -> Option<anyhow::Error> {
-    let url = settings::optional("SHOTLABEL_PROVIDER_URL")?;
-    let key = settings::optional("SHOTLABEL_API_KEY")?;
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let url = set("SHOTLABEL_PROVIDER_URL")?;
+    let key = set("SHOTLABEL_API_KEY")?;
     if open_batches.is_empty() {
         return None;
     }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use shotlabel_shared::task::Task;
+use shotlabel_core::task::Task;
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {

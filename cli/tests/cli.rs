@@ -21,7 +21,7 @@ fn task_show_prints_the_default_task_and_its_version() -> anyhow::Result<()> {
     assert!(ok);
     assert!(out.contains("website-judgement"), "{out}");
     assert!(out.contains("google/gemma-3-27b-instruct/bf-16"), "{out}");
-    let version = shotlabel_shared::task::Task::default_task()?
+    let version = shotlabel_core::task::Task::default_task()?
         .version()
         .to_owned();
     assert!(out.contains(&version), "{out}");

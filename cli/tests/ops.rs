@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
 use serde_json::{Value, json};
-use shotlabel_localstack::{LocalResources, MotoServer, create_resources, s3_client, sqs_client};
-use shotlabel_shared::records::{
+use shotlabel_core::records::RecordStatus;
+use shotlabel_core::records::{
     BatchPhase, BatchRecord, HarvestCounts, LabelRecord, Layout, Provenance, SourceRef, TaskRef,
     state_keys,
 };
-use shotlabel_shared::task::Task;
+use shotlabel_core::task::Task;
+use shotlabel_localstack::{LocalResources, MotoServer, create_resources, s3_client, sqs_client};
 
 const INPUT: &str = "incoming/";
 
@@ -151,7 +152,7 @@ fn task_ref() -> anyhow::Result<TaskRef> {
 /// A label record as the harvest writes it.
 fn label(stack: &Stack, key: &str, etag: &str, task: TaskRef, answer: Value) -> LabelRecord {
     LabelRecord {
-        status: "labelled".into(),
+        status: RecordStatus::Labelled,
         label: answer,
         source: SourceRef {
             bucket: stack.resources.bucket.clone(),
@@ -322,7 +323,7 @@ fn batch_record(id: &str, phase: BatchPhase, tokens: (u64, u64)) -> anyhow::Resu
         task: task_ref()?,
         model: "test-model".into(),
         phase,
-        submitted_at: shotlabel_shared::records::unix_now() - 125,
+        submitted_at: shotlabel_core::records::unix_now() - 125,
         provider_status: Some("in_progress".into()),
         harvest: (phase == BatchPhase::Harvested).then_some(HarvestCounts {
             labelled: 7,
@@ -424,7 +425,8 @@ async fn status_reports_depths_batches_counts_and_tokens() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn status_asks_the_provider_about_open_batches() -> anyhow::Result<()> {
     use base64::Engine;
-    use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient, CreateBatchRequest};
+    use shotlabel_batch_client::{BatchApiConfig, BatchClient};
+    use shotlabel_core::batch_api::CreateBatchRequest;
 
     const KEY: &str = "sk-ops-test";
     let stack = stack("ops-provider").await?;
@@ -441,7 +443,7 @@ async fn status_asks_the_provider_about_open_batches() -> anyhow::Result<()> {
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(screenshot("saas-landing.png")?)
     );
-    let mut line = shotlabel_shared::request::request_line("c-1", &Task::default_task()?, &uri);
+    let mut line = shotlabel_core::request::request_line("c-1", &Task::default_task()?, &uri);
     line.push(b'\n');
     std::fs::write(&input, line)?;
     let file = client.upload_file(&input).await?;

@@ -7,25 +7,25 @@
 // The report module is compiled into this test as well as into the binary, so the test
 // needs no library target; it uses part of the module's API.
 #[allow(dead_code)]
-#[path = "../src/report.rs"]
+#[path = "../src/report/mod.rs"]
 mod report;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use shotlabel_localstack::{MotoServer, create_resources, s3_client};
-use shotlabel_shared::answer::Usage;
-use shotlabel_shared::aws::S3Store;
-use shotlabel_shared::ports::{ObjectInfo, ObjectStore, StoreError, StoredObject, WriteCondition};
-use shotlabel_shared::records::{
+use shotlabel_aws::S3Store;
+use shotlabel_core::answer::Usage;
+use shotlabel_core::memory::MemoryStore;
+use shotlabel_core::ports::{ObjectStore, WriteCondition};
+use shotlabel_core::records::{
     AttemptReason, BatchPhase, BatchRecord, FailedRecord, HarvestCounts, LabelRecord, Layout,
-    Provenance, SourceRef, TaskRef, state_keys, unix_now,
+    Provenance, RecordStatus, SourceRef, Stage, TaskRef, state_keys, unix_now,
 };
-use shotlabel_shared::task::Task;
+use shotlabel_core::task::Task;
+use shotlabel_localstack::{MotoServer, create_resources, s3_client};
 
 const INPUT: &str = "incoming/";
 const SCRIPT_KEY: &str = "incoming/<script>document.title='pwned'</script>.png";
@@ -61,7 +61,7 @@ async fn put_labelled<S: ObjectStore>(
         .put(bucket, key, body, "image/png", WriteCondition::Overwrite)
         .await?;
     let record = LabelRecord {
-        status: "labelled".into(),
+        status: RecordStatus::Labelled,
         label,
         source: SourceRef {
             bucket: bucket.into(),
@@ -319,12 +319,12 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
         vec![
             AttemptReason {
                 attempt: 0,
-                stage: "provider".into(),
+                stage: Stage::Provider,
                 reason: "inference_failed: Maximum retries reached".into(),
             },
             AttemptReason {
                 attempt: 1,
-                stage: "validate".into(),
+                stage: Stage::Validate,
                 reason: INJECTED_REASON.into(),
             },
         ],
@@ -543,74 +543,6 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
 
 // ---------------------------------------------------------------------------------------
 // Any task, any store: the report is generic.
-
-/// (bucket, key) → (body, etag).
-type Objects = BTreeMap<(String, String), (Vec<u8>, String)>;
-
-/// An in-memory [`ObjectStore`].
-#[derive(Debug, Default)]
-struct MemoryStore {
-    objects: Mutex<Objects>,
-}
-
-impl MemoryStore {
-    fn objects(&self) -> std::sync::MutexGuard<'_, Objects> {
-        self.objects.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl ObjectStore for MemoryStore {
-    async fn get(&self, bucket: &str, key: &str) -> Result<StoredObject, StoreError> {
-        self.objects()
-            .get(&(bucket.to_owned(), key.to_owned()))
-            .map(|(body, etag)| StoredObject {
-                body: body.clone(),
-                etag: etag.clone(),
-            })
-            .ok_or_else(|| StoreError::NotFound {
-                bucket: bucket.into(),
-                key: key.into(),
-            })
-    }
-
-    async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        Ok(self
-            .objects()
-            .get(&(bucket.to_owned(), key.to_owned()))
-            .map(|(body, etag)| ObjectInfo {
-                size: body.len() as u64,
-                etag: etag.clone(),
-            }))
-    }
-
-    async fn put(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: Vec<u8>,
-        _content_type: &str,
-        _condition: WriteCondition,
-    ) -> Result<String, StoreError> {
-        let etag = format!("etag-{}", body.len());
-        self.objects()
-            .insert((bucket.to_owned(), key.to_owned()), (body, etag.clone()));
-        Ok(etag)
-    }
-
-    async fn delete(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
-        self.objects().remove(&(bucket.to_owned(), key.to_owned()));
-        Ok(())
-    }
-
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .objects()
-            .keys()
-            .filter(|(b, k)| b == bucket && k.starts_with(prefix))
-            .map(|(_, k)| k.clone())
-            .collect())
-    }
-}
 
 #[tokio::test]
 async fn free_text_is_captioned_not_charted_and_the_gallery_cap_is_reported() -> anyhow::Result<()>

@@ -5,43 +5,37 @@
 //! "crash". The targets in `fuzz_targets/` are one line each around these functions, and
 //! the workspace test `tests/tests/fuzz_corpus.rs` includes this file (`#[path]`) to replay
 //! every committed corpus and regression input through the same code without cargo-fuzz.
-//! So this file only uses crates that test has too: `shotlabel-shared`, `enqueue`,
-//! `aws_lambda_events`, `serde_json` and `tokio`.
+//! So this file only uses crates that test has too: `shotlabel-core` (with its `memory`
+//! feature), `enqueue`, `aws_lambda_events`, `serde_json` and `tokio`.
 //!
-//! The stores, queue and provider here are in memory and never fail: every error or odd
-//! outcome a target sees comes from the input.
+//! The store, queue and provider are `shotlabel_core::memory`'s, with no fault injected:
+//! every error or odd outcome a target sees comes from the input.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::path::Path;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, LazyLock};
 
 use aws_lambda_events::event::s3::S3Event;
 use serde_json::{Value, json};
-use shotlabel_shared::SecretString;
-use shotlabel_shared::answer::{
-    LineOutcome, MAX_REASON_CHARS, STAGE_PROVIDER, STAGE_VALIDATE, interpret_line,
-};
-use shotlabel_shared::batch_api::{Batch, BatchApiError, CreateBatchRequest, FileObject};
-use shotlabel_shared::batch_token;
-use shotlabel_shared::enqueue::{EnqueueConfig, EnqueueReport, enqueue_objects};
-use shotlabel_shared::harvest::{HarvestConfig, HarvestOutcome, harvest, parse_output_line};
-use shotlabel_shared::ports::{
-    BatchProvider, LineReader, ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueError,
-    ReceivedMessage, StoreError, StoredObject, WriteCondition,
-};
-use shotlabel_shared::prepare::{
+use shotlabel_core::SecretString;
+use shotlabel_core::answer::{LineOutcome, MAX_REASON_CHARS, interpret_line};
+use shotlabel_core::batch_api::Batch;
+use shotlabel_core::batch_token;
+use shotlabel_core::enqueue::{EnqueueConfig, EnqueueReport, enqueue_objects};
+use shotlabel_core::harvest::{HarvestConfig, HarvestOutcome, harvest, parse_output_line};
+use shotlabel_core::memory::{MemoryProvider, MemoryQueue, MemoryStore};
+use shotlabel_core::prepare::{
     DecodeLimits, JPEG_DATA_URI_PREFIX, PrepareError, PreparedImage, prepare_image, prepare_jpeg,
 };
-use shotlabel_shared::records::{
+use shotlabel_core::records::Stage;
+use shotlabel_core::records::{
     HarvestCounts, HarvestRequest, Layout, MAX_KEY_BYTES, Manifest, PendingItem, TaskRef,
     state_keys,
 };
-use shotlabel_shared::s3_key::{KeyError, decode_event_key};
-use shotlabel_shared::standard_webhooks::{self, WebhookSecrets};
-use shotlabel_shared::task::{ImageSettings, Task};
-use shotlabel_shared::webhook::{WebhookConfig, WebhookRequest, WebhookResponse, receive};
+use shotlabel_core::s3_key::{KeyError, decode_event_key};
+use shotlabel_core::standard_webhooks::{self, WebhookSecrets};
+use shotlabel_core::task::{ImageSettings, Task};
+use shotlabel_core::webhook::{WebhookConfig, WebhookRequest, WebhookResponse, receive};
 
 /// The fuzz targets, named as in `fuzz/Cargo.toml` and `fuzz/corpus/<target>/`.
 pub const TARGETS: [&str; 4] = [
@@ -158,7 +152,6 @@ const PENDING_QUEUE: &str = "queue/pending";
 const HARVEST_QUEUE: &str = "queue/harvest";
 const FUZZ_BATCH: &str = "batch_fuzz";
 const FUZZ_MANIFEST: &str = "fuzz-0";
-const OUTPUT_FILE: &str = "file-output";
 const MAX_RETRIES: u32 = 2;
 
 /// The bytes as a finished batch's output file: every line as the harvest splits and
@@ -203,7 +196,7 @@ pub fn output_lines(data: &[u8]) -> OutputLinesOutcome {
             }
             LineOutcome::Retry(retry) => {
                 outcome.retries += 1;
-                assert!(retry.stage == STAGE_PROVIDER || retry.stage == STAGE_VALIDATE);
+                assert!(retry.stage == Stage::Provider || retry.stage == Stage::Validate);
                 assert!(!retry.reason.trim().is_empty());
                 // The ellipsis of a cut reason is the one character over.
                 let chars = retry.reason.chars().count();
@@ -226,9 +219,7 @@ pub fn output_lines(data: &[u8]) -> OutputLinesOutcome {
     };
     let manifest_json = serde_json::to_vec(&manifest).expect("a manifest serialises");
     store.insert(BUCKET, &state_keys::manifest(FUZZ_MANIFEST), manifest_json);
-    let provider = MemoryProvider {
-        output: data.to_vec(),
-    };
+    let provider = finished_batch(data);
     let config = HarvestConfig {
         bucket: BUCKET.to_owned(),
         layout: Layout::new(INPUT_PREFIX),
@@ -251,11 +242,11 @@ pub fn output_lines(data: &[u8]) -> OutputLinesOutcome {
         "not every item ended somewhere: {counts:?}"
     );
     assert_eq!(counts.duplicates, 0, "{counts:?}");
-    let labels = store.keys_under("labels/");
-    let failed = store.keys_under("failed/");
+    let labels = store.keys(BUCKET, "labels/");
+    let failed = store.keys(BUCKET, "failed/");
     assert_eq!(labels.len() as u64, counts.labelled, "{labels:?}");
     assert_eq!(failed.len() as u64, counts.failed, "{failed:?}");
-    let sent = queue.messages();
+    let sent = queue.sent();
     assert_eq!(sent.len() as u64, counts.retried);
     for (queue_url, body) in &sent {
         assert_eq!(queue_url, PENDING_QUEUE);
@@ -270,12 +261,28 @@ pub fn output_lines(data: &[u8]) -> OutputLinesOutcome {
         "harvesting twice: {again:?}"
     );
     assert_eq!(
-        queue.messages().len(),
+        queue.sent().len(),
         sent.len(),
         "the second harvest requeued"
     );
     outcome.counts = counts;
     outcome
+}
+
+/// A provider holding one completed batch, [`FUZZ_BATCH`] of [`FUZZ_MANIFEST`], whose
+/// output file is `output`.
+fn finished_batch(output: &[u8]) -> MemoryProvider {
+    let provider = MemoryProvider::default();
+    let output_file = provider.add_file(output.to_vec());
+    let batch = json!({
+        "id": FUZZ_BATCH,
+        "status": "completed",
+        "input_file_id": "file-input",
+        "output_file_id": output_file,
+        "metadata": { "shotlabel_manifest": FUZZ_MANIFEST },
+    });
+    provider.insert_batch(serde_json::from_value::<Batch>(batch).expect("a batch parses"));
+    provider
 }
 
 /// One item per custom id, and one the file never names (it goes round again). Every
@@ -296,9 +303,9 @@ fn manifest_items(custom_ids: &BTreeSet<String>) -> BTreeMap<String, PendingItem
                 version_id: None,
                 attempt,
                 reasons: (0..attempt)
-                    .map(|a| shotlabel_shared::records::AttemptReason {
+                    .map(|a| shotlabel_core::records::AttemptReason {
                         attempt: a,
-                        stage: STAGE_VALIDATE.to_owned(),
+                        stage: Stage::Validate,
                         reason: "an earlier attempt".to_owned(),
                     })
                     .collect(),
@@ -379,7 +386,7 @@ pub fn webhook_request(data: &[u8]) -> WebhookResponse {
         && body
             .as_ref()
             .is_some_and(|b| b["accepted"] == json!(true) && b.get("duplicate").is_none());
-    let sent = queue.messages();
+    let sent = queue.sent();
     if queued {
         assert_eq!(
             sent.len(),
@@ -391,7 +398,7 @@ pub fn webhook_request(data: &[u8]) -> WebhookResponse {
         let harvest: HarvestRequest =
             serde_json::from_str(message).expect("a harvest request parses");
         assert!(harvest.batch_id.is_some() || harvest.manifest.is_some());
-        assert_eq!(harvest.origin, shotlabel_shared::webhook::ORIGIN);
+        assert_eq!(harvest.origin, shotlabel_core::webhook::ORIGIN);
     } else {
         assert!(
             sent.is_empty(),
@@ -426,7 +433,7 @@ pub fn webhook_request(data: &[u8]) -> WebhookResponse {
     if queued {
         assert_eq!(again.status, 200);
         assert!(again.body.contains("duplicate"), "{}", again.body);
-        assert_eq!(queue.messages().len(), 1, "a duplicate was queued");
+        assert_eq!(queue.sent().len(), 1, "a duplicate was queued");
     } else {
         assert_eq!(again, response);
     }
@@ -566,7 +573,7 @@ pub fn s3_event(data: &[u8]) -> Option<S3Outcome> {
     assert_eq!(relabel.already_labelled, 0, "force_relabel skipped a label");
     assert_eq!(relabel.ignored, report.ignored);
     assert_eq!(relabel.failed, report.failed);
-    for key in store.keys_under("") {
+    for (_, key) in store.all_keys() {
         assert!(
             key.len() <= MAX_KEY_BYTES,
             "a key S3 refuses: {} bytes",
@@ -584,7 +591,7 @@ pub fn s3_event(data: &[u8]) -> Option<S3Outcome> {
 fn enqueue_checked(
     store: &MemoryStore,
     config: &EnqueueConfig,
-    objects: &[shotlabel_shared::enqueue::NewObject],
+    objects: &[shotlabel_core::enqueue::NewObject],
 ) -> EnqueueReport {
     let queue = MemoryQueue::default();
     let report = block_on(enqueue_objects(store, &queue, config, objects.to_vec()))
@@ -594,7 +601,7 @@ fn enqueue_checked(
         objects.len(),
         "{report:?}"
     );
-    let sent = queue.messages();
+    let sent = queue.sent();
     assert_eq!(sent.len(), report.queued);
     for (queue_url, body) in &sent {
         assert_eq!(queue_url, PENDING_QUEUE);
@@ -611,7 +618,12 @@ fn enqueue_checked(
         assert!(item.size > 0 && item.size <= MAX_OBJECT_BYTES);
     }
     if report.failed > 0 {
-        assert!(!store.keys_under("failed/").is_empty());
+        assert!(
+            store
+                .all_keys()
+                .iter()
+                .any(|(_, key)| key.starts_with("failed/"))
+        );
     }
     report
 }
@@ -645,190 +657,4 @@ thread_local! {
 /// Runs a future to completion on this thread's runtime.
 pub fn block_on<F: Future>(future: F) -> F::Output {
     RUNTIME.with(|runtime| runtime.block_on(future))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// (bucket, key) → (body, etag).
-type Objects = BTreeMap<(String, String), (Vec<u8>, u64)>;
-
-/// An object store in memory, with S3's write conditions.
-#[derive(Debug, Default)]
-pub struct MemoryStore {
-    objects: Mutex<Objects>,
-    next_etag: Mutex<u64>,
-}
-
-impl MemoryStore {
-    fn insert(&self, bucket: &str, key: &str, body: Vec<u8>) {
-        let etag = self.etag();
-        lock(&self.objects).insert((bucket.to_owned(), key.to_owned()), (body, etag));
-    }
-
-    fn etag(&self) -> u64 {
-        let mut next = lock(&self.next_etag);
-        *next += 1;
-        *next
-    }
-
-    /// Every key under `prefix`, in any bucket.
-    pub fn keys_under(&self, prefix: &str) -> Vec<String> {
-        lock(&self.objects)
-            .keys()
-            .filter(|(_, key)| key.starts_with(prefix))
-            .map(|(_, key)| key.clone())
-            .collect()
-    }
-}
-
-impl ObjectStore for MemoryStore {
-    async fn get(&self, bucket: &str, key: &str) -> Result<StoredObject, StoreError> {
-        lock(&self.objects)
-            .get(&(bucket.to_owned(), key.to_owned()))
-            .map(|(body, etag)| StoredObject {
-                body: body.clone(),
-                etag: etag.to_string(),
-            })
-            .ok_or_else(|| StoreError::NotFound {
-                bucket: bucket.to_owned(),
-                key: key.to_owned(),
-            })
-    }
-
-    async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        Ok(lock(&self.objects)
-            .get(&(bucket.to_owned(), key.to_owned()))
-            .map(|(body, etag)| ObjectInfo {
-                size: body.len() as u64,
-                etag: etag.to_string(),
-            }))
-    }
-
-    async fn put(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: Vec<u8>,
-        _content_type: &str,
-        condition: WriteCondition,
-    ) -> Result<String, StoreError> {
-        let etag = self.etag();
-        let mut objects = lock(&self.objects);
-        let id = (bucket.to_owned(), key.to_owned());
-        let current = objects.get(&id).map(|(_, etag)| etag.to_string());
-        let allowed = match &condition {
-            WriteCondition::Overwrite => true,
-            WriteCondition::IfAbsent => current.is_none(),
-            WriteCondition::IfMatch(expected) => current.as_ref() == Some(expected),
-        };
-        if !allowed {
-            return Err(StoreError::ConditionFailed {
-                bucket: bucket.to_owned(),
-                key: key.to_owned(),
-            });
-        }
-        objects.insert(id, (body, etag));
-        Ok(etag.to_string())
-    }
-
-    async fn delete(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
-        lock(&self.objects).remove(&(bucket.to_owned(), key.to_owned()));
-        Ok(())
-    }
-
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(lock(&self.objects)
-            .keys()
-            .filter(|(b, key)| b == bucket && key.starts_with(prefix))
-            .map(|(_, key)| key.clone())
-            .collect())
-    }
-}
-
-/// A queue in memory that takes every message.
-#[derive(Debug, Default)]
-pub struct MemoryQueue {
-    sent: Mutex<Vec<(String, String)>>,
-}
-
-impl MemoryQueue {
-    /// Every message sent, as (queue URL, body).
-    pub fn messages(&self) -> Vec<(String, String)> {
-        lock(&self.sent).clone()
-    }
-}
-
-impl Queue for MemoryQueue {
-    async fn send_batch(
-        &self,
-        queue_url: &str,
-        messages: &[OutgoingMessage],
-    ) -> Result<Vec<String>, QueueError> {
-        let mut sent = lock(&self.sent);
-        for message in messages {
-            sent.push((queue_url.to_owned(), message.body.clone()));
-        }
-        Ok(Vec::new())
-    }
-
-    async fn receive(
-        &self,
-        _queue_url: &str,
-        _max: u32,
-        _visibility_timeout: Duration,
-        _wait: Duration,
-    ) -> Result<Vec<ReceivedMessage>, QueueError> {
-        Ok(Vec::new())
-    }
-
-    async fn delete_batch(
-        &self,
-        _queue_url: &str,
-        _receipt_handles: &[String],
-    ) -> Result<Vec<String>, QueueError> {
-        Ok(Vec::new())
-    }
-}
-
-/// A provider with one completed batch whose output file is the fuzz input.
-#[derive(Debug)]
-struct MemoryProvider {
-    output: Vec<u8>,
-}
-
-impl BatchProvider for MemoryProvider {
-    async fn upload(&self, _path: &Path) -> Result<FileObject, BatchApiError> {
-        Err(BatchApiError::Config("no uploads here".to_owned()))
-    }
-
-    async fn create(&self, _request: &CreateBatchRequest) -> Result<Batch, BatchApiError> {
-        Err(BatchApiError::Config(
-            "no batches are created here".to_owned(),
-        ))
-    }
-
-    async fn retrieve(&self, batch_id: &str) -> Result<Batch, BatchApiError> {
-        let batch = json!({
-            "id": batch_id,
-            "status": "completed",
-            "input_file_id": "file-input",
-            "output_file_id": OUTPUT_FILE,
-            "metadata": { "shotlabel_manifest": FUZZ_MANIFEST },
-        });
-        serde_json::from_value(batch).map_err(|e| BatchApiError::Decode {
-            operation: "retrieve",
-            detail: e.to_string(),
-        })
-    }
-
-    async fn open_file(&self, file_id: &str) -> Result<LineReader, BatchApiError> {
-        if file_id != OUTPUT_FILE {
-            return Err(BatchApiError::Config(format!("no file {file_id}")));
-        }
-        Ok(Box::pin(std::io::Cursor::new(self.output.clone())))
-    }
 }

@@ -8,10 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use batch_emulator::{EMULATOR_MODEL, EmulatorConfig, FaultSettings, IdStyle, RunningEmulator};
 use secrecy::SecretString;
-use shotlabel_shared::batch_api::{
-    Batch, BatchApiConfig, BatchClient, BatchStatus, CreateBatchRequest, OutputLine, RetryPolicy,
-};
-use shotlabel_shared::task::Task;
+use shotlabel_batch_client::{BatchApiConfig, BatchClient, RetryPolicy};
+use shotlabel_core::batch_api::{Batch, BatchStatus, CreateBatchRequest, OutputLine};
+use shotlabel_core::task::Task;
 use tokio::io::AsyncBufReadExt;
 
 const KEY: &str = "emulator-test-key";

@@ -44,15 +44,16 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_sqs::types::QueueAttributeName;
 use batch_emulator::FaultSettings;
 use futures_util::{StreamExt, stream};
-use shotlabel_localstack::chaos::{ChaosOptions, ChaosStats, CrashKind};
-use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions, ProviderChoice, WebhookMode};
-use shotlabel_shared::ports::ObjectStore;
-use shotlabel_shared::prepare::{DecodeLimits, decode, encode_jpeg, flatten_to_rgb};
-use shotlabel_shared::records::{
+use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::prepare::{DecodeLimits, decode, encode_jpeg, flatten_to_rgb};
+use shotlabel_core::records::Stage;
+use shotlabel_core::records::{
     BatchPhase, BatchRecord, FailedRecord, HarvestCounts, LabelRecord, Layout, state_keys,
 };
-use shotlabel_shared::request::BatchLimits;
-use shotlabel_shared::task::Task;
+use shotlabel_core::request::BatchLimits;
+use shotlabel_core::task::Task;
+use shotlabel_localstack::chaos::{ChaosOptions, ChaosStats, CrashKind};
+use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions, ProviderChoice, WebhookMode};
 
 const DEFAULT_IMAGES: usize = 2_000;
 const DEFAULT_SEED: u64 = 8;
@@ -569,14 +570,14 @@ async fn every_image_ends_with_one_terminal_record_through_chaos() -> anyhow::Re
             continue;
         };
         *failed_by_stage
-            .entry(last_reason.stage.clone())
+            .entry(last_reason.stage.to_string())
             .or_default() += 1;
         if kind_of.get(key) != Some(&Kind::Awkward) {
             let by_faults = record.reasons.len() == MAX_RETRIES as usize + 1
                 && record
                     .reasons
                     .iter()
-                    .all(|r| r.stage == "provider" || r.stage == "validate");
+                    .all(|r| r.stage == Stage::Provider || r.stage == Stage::Validate);
             if !by_faults {
                 problems.push(format!(
                     "{failed_key}: a decodable image failed for reasons no injected fault explains: {:?}",

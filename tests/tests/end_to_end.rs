@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
 use batch_emulator::EMULATOR_MODEL;
+use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::records::{LabelRecord, Layout};
+use shotlabel_core::task::Task;
 use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions, WebhookMode};
-use shotlabel_shared::ports::ObjectStore;
-use shotlabel_shared::records::{LabelRecord, Layout};
-use shotlabel_shared::task::Task;
 
 fn screenshots() -> anyhow::Result<Vec<std::path::PathBuf>> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/screenshots");
@@ -114,8 +114,8 @@ async fn labels_come_back_through_a_per_batch_webhook_url() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_image_ends_with_one_terminal_record_whatever_the_faults() -> anyhow::Result<()> {
     use batch_emulator::FaultSettings;
+    use shotlabel_core::request::BatchLimits;
     use shotlabel_localstack::pipeline::ProviderChoice;
-    use shotlabel_shared::request::BatchLimits;
 
     let task = Task::default_task()?;
     let mut options = PipelineOptions::new(task.clone());

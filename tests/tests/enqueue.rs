@@ -8,12 +8,14 @@ use aws_lambda_events::event::s3::S3Event;
 use aws_sdk_s3::primitives::ByteStream;
 use enqueue::{Handler, handle};
 use serde_json::json;
+use shotlabel_aws::{S3Store, SqsQueue};
+use shotlabel_core::enqueue::{EnqueueConfig, EnqueueError, NewObject, enqueue_objects};
+use shotlabel_core::ports::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
+use shotlabel_core::records::RecordStatus;
+use shotlabel_core::records::{FailedRecord, Layout, PendingItem, TaskRef};
+use shotlabel_core::task::Task;
+use shotlabel_core::terminal::RecordError;
 use shotlabel_localstack::{LocalResources, MotoServer, create_resources, s3_client, sqs_client};
-use shotlabel_shared::aws::{S3Store, SqsQueue};
-use shotlabel_shared::enqueue::{EnqueueConfig, EnqueueError, NewObject, enqueue_objects};
-use shotlabel_shared::ports::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
-use shotlabel_shared::records::{FailedRecord, Layout, PendingItem, TaskRef};
-use shotlabel_shared::task::Task;
 
 struct Stack {
     _moto: MotoServer,
@@ -196,7 +198,7 @@ async fn s3_events_become_pending_messages_and_failed_records() -> anyhow::Resul
     }
 
     let empty: FailedRecord = read_json(&stack, "failed/empty.png.json").await?;
-    assert_eq!(empty.status, "failed");
+    assert_eq!(empty.status, RecordStatus::Failed);
     assert_eq!(empty.source.key, "incoming/empty.png");
     assert_eq!(empty.task.version, Task::default_task()?.version());
     assert!(
@@ -358,6 +360,9 @@ async fn refused_entries_are_resent_and_persistent_refusal_fails_the_call() -> a
     let err = enqueue_objects(&store, &queue, &config, objects)
         .await
         .expect_err("always refused");
-    assert!(matches!(err, EnqueueError::Refused { count: 1 }), "{err:?}");
+    assert!(
+        matches!(err, EnqueueError(RecordError::Refused { count: 1 })),
+        "{err:?}"
+    );
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
 use fuzz_entry::TARGETS;
-use shotlabel_shared::prepare::PrepareError;
+use shotlabel_core::prepare::PrepareError;
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")

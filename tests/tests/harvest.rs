@@ -10,15 +10,16 @@ use std::time::Duration;
 
 use batch_emulator::{EMULATOR_MODEL, FaultSettings};
 use common::*;
-use shotlabel_shared::aws::S3Store;
-use shotlabel_shared::harvest::{HarvestOutcome, harvest, reconcile};
-use shotlabel_shared::ports::{ObjectInfo, ObjectStore, StoreError, StoredObject, WriteCondition};
-use shotlabel_shared::records::{
+use shotlabel_aws::S3Store;
+use shotlabel_core::harvest::{HarvestOutcome, harvest, reconcile};
+use shotlabel_core::ports::{ObjectInfo, ObjectStore, StoreError, StoredObject, WriteCondition};
+use shotlabel_core::records::Stage;
+use shotlabel_core::records::{
     BatchPhase, BatchRecord, FailedRecord, HarvestRequest, LabelRecord, state_keys,
 };
-use shotlabel_shared::request::BatchLimits;
-use shotlabel_shared::submit::run_submit;
-use shotlabel_shared::task::Task;
+use shotlabel_core::request::BatchLimits;
+use shotlabel_core::submit::run_submit;
+use shotlabel_core::task::Task;
 
 fn request(batch_id: &str) -> HarvestRequest {
     HarvestRequest {
@@ -574,9 +575,9 @@ async fn a_submit_that_dies_writing_the_batch_record_leaves_it_to_reconciliation
 
 #[tokio::test]
 async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyhow::Result<()> {
-    use shotlabel_shared::batch_api::CreateBatchRequest;
-    use shotlabel_shared::records::{Manifest, PendingItem};
-    use shotlabel_shared::submit::METADATA_MANIFEST;
+    use shotlabel_core::batch_api::CreateBatchRequest;
+    use shotlabel_core::records::{Manifest, PendingItem};
+    use shotlabel_core::submit::METADATA_MANIFEST;
 
     let stack = stack("harvest-failed-batch").await?;
     // A provider that takes at most 2 requests per file: a 3-request batch fails as a
@@ -686,7 +687,7 @@ async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyh
         )
         .await?;
         let reason = &record.reasons[0];
-        assert_eq!(reason.stage, "provider");
+        assert_eq!(reason.stage, Stage::Provider);
         assert!(
             reason.reason.contains("invalid_json_line"),
             "{}",

@@ -22,17 +22,19 @@ use base64::engine::general_purpose::STANDARD;
 use common::*;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions};
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient};
-use shotlabel_shared::harvest::{HarvestOutcome, MAX_LINE_BYTES, harvest};
-use shotlabel_shared::ports::ObjectStore;
-use shotlabel_shared::records::{
+use shotlabel_batch_client::{BatchApiConfig, BatchClient};
+use shotlabel_core::harvest::{HarvestOutcome, MAX_LINE_BYTES, harvest};
+use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::records::{
     FailedRecord, HarvestRequest, LabelRecord, Layout, MAX_KEY_BYTES, Manifest, PendingItem,
     state_keys, unix_now,
 };
-use shotlabel_shared::standard_webhooks::{WebhookSecrets, sign};
-use shotlabel_shared::task::Task;
-use shotlabel_shared::webhook::WebhookConfig;
+use shotlabel_core::standard_webhooks::{WebhookSecrets, sign};
+use shotlabel_core::task::Task;
+use shotlabel_core::webhook::WebhookConfig;
+use shotlabel_localstack::pipeline::{
+    LocalPipeline, PipelineOptions, function_url_event, function_url_response,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const OUTPUT_PREFIXES: [&str; 5] = ["incoming/", "labels/", "failed/", "results/", "state/"];
@@ -334,61 +336,20 @@ async fn raw_request(
 /// The Standard Webhooks key of the flood test.
 const FLOOD_KEY: &[u8] = b"hostile-input test webhook key!!";
 
-type WebhookHandler =
-    webhook::Handler<shotlabel_shared::aws::S3Store, shotlabel_shared::aws::SqsQueue, BatchClient>;
+type WebhookHandler = webhook::Handler<shotlabel_aws::S3Store, shotlabel_aws::SqsQueue>;
 
 /// The webhook function's real handler, each HTTP request turned into the Function URL
-/// event Lambda would deliver (bodies base64, as Function URLs send them).
+/// event Lambda would deliver.
 async fn function_url(State(handler): State<Arc<WebhookHandler>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let Ok(body) = axum::body::to_bytes(body, 6 * 1024 * 1024).await else {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     };
     let event = function_url_event(&parts, &body);
-    let Ok(event) = serde_json::to_value(&event) else {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    };
     match webhook::handle(&handler, event).await {
-        Ok(response) => {
-            let status = response["statusCode"]
-                .as_u64()
-                .and_then(|s| StatusCode::from_u16(u16::try_from(s).ok()?).ok())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (
-                status,
-                response["body"].as_str().unwrap_or_default().to_owned(),
-            )
-                .into_response()
-        }
+        Ok(response) => function_url_response(&response),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-}
-
-/// The Function URL event for a request, as Lambda builds it.
-pub fn function_url_event(
-    parts: &axum::http::request::Parts,
-    body: &[u8],
-) -> aws_lambda_events::event::lambda_function_urls::LambdaFunctionUrlRequest {
-    use aws_lambda_events::event::lambda_function_urls::{
-        LambdaFunctionUrlRequest, LambdaFunctionUrlRequestContext,
-        LambdaFunctionUrlRequestContextHttpDescription,
-    };
-    let mut event = LambdaFunctionUrlRequest::default();
-    event.version = Some("2.0".into());
-    event.raw_path = Some(parts.uri.path().to_owned());
-    event.raw_query_string = Some(parts.uri.query().unwrap_or_default().to_owned());
-    event.headers = parts.headers.clone();
-    event.is_base64_encoded = true;
-    event.body = Some(STANDARD.encode(body));
-    let mut http = LambdaFunctionUrlRequestContextHttpDescription::default();
-    http.method = Some(parts.method.to_string());
-    http.path = Some(parts.uri.path().to_owned());
-    http.protocol = Some("HTTP/1.1".into());
-    http.source_ip = Some("127.0.0.1".into());
-    let mut context = LambdaFunctionUrlRequestContext::default();
-    context.http = http;
-    event.request_context = context;
-    event
 }
 
 async fn serve_function_url(stack: &Stack) -> anyhow::Result<SocketAddr> {
@@ -400,17 +361,10 @@ async fn serve_function_url(stack: &Stack) -> anyhow::Result<SocketAddr> {
         "whsec_{}",
         STANDARD.encode(FLOOD_KEY)
     ))?);
-    // The receiver never calls the provider; this client is never used.
-    let provider = BatchClient::new(BatchApiConfig::new(
-        "http://127.0.0.1:9/v1",
-        SecretString::from("unused"),
-    )?)?;
     let handler = Arc::new(WebhookHandler {
         store: stack.store.clone(),
         queue: stack.queue.clone(),
-        provider,
         webhook: config,
-        harvest: harvest_config(stack)?,
     });
     let app = axum::Router::new()
         .fallback(function_url)

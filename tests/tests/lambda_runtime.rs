@@ -8,7 +8,7 @@
 //!    with its manifest in `state/manifests/`;
 //! 3. `webhook` gets a Function URL request carrying a signed Standard Webhooks
 //!    `batch.completed` delivery, and queues one harvest request;
-//! 4. `webhook` gets that harvest request as an SQS event, and writes the label.
+//! 4. `harvest` gets that harvest request as an SQS event, and writes the label.
 //!
 //! This checks what the in-process tests cannot: each `main.rs` (settings read from the
 //! environment at cold start, clients built from standard AWS SDK settings, the runtime
@@ -33,14 +33,14 @@ use base64::engine::general_purpose::STANDARD;
 use batch_emulator::{FaultSettings, RunningEmulator};
 use common::*;
 use serde_json::{Value, json};
-use shotlabel_shared::batch_api::BatchStatus;
-use shotlabel_shared::ports::Queue;
-use shotlabel_shared::records::{
+use shotlabel_core::batch_api::BatchStatus;
+use shotlabel_core::ports::Queue;
+use shotlabel_core::records::{
     BatchPhase, BatchRecord, HarvestRequest, LabelRecord, Manifest, PendingItem, state_keys,
     unix_now,
 };
-use shotlabel_shared::standard_webhooks::sign;
-use shotlabel_shared::task::Task;
+use shotlabel_core::standard_webhooks::sign;
+use shotlabel_core::task::Task;
 
 /// The image the test uploads, and the key it gets (a space and parentheses, so the S3
 /// event carries it encoded as S3 encodes keys).
@@ -566,8 +566,8 @@ async fn run_pipeline(
         "the harvest request is {request:?}"
     );
 
-    // 4. webhook on the harvest queue: the message above as an SQS event.
-    let mut event = fixture("webhook", "sqs-harvest.json")?;
+    // 4. harvest on the harvest queue: the message above as an SQS event.
+    let mut event = fixture("harvest", "sqs-harvest.json")?;
     let mut record = event
         .pointer("/Records/0")
         .cloned()
@@ -592,7 +592,7 @@ async fn run_pipeline(
         json!(format!("arn:aws:sqs:us-east-1:123456789012:{queue_name}")),
     )?;
     set(&mut event, "/Records", json!([record]))?;
-    let response = watch.invoke("webhook", &event).await?;
+    let response = watch.invoke("harvest", &event).await?;
     anyhow::ensure!(
         response["batchItemFailures"]
             .as_array()

@@ -253,7 +253,7 @@ async fn object_events_under_the_input_prefix_reach_the_events_queue() -> anyhow
         "only the input prefix notifies: {messages:?}"
     );
     let record = &events[0].records[0];
-    let key = shotlabel_shared::s3_key::decode_event_key(
+    let key = shotlabel_core::s3_key::decode_event_key(
         record.s3.object.key.as_deref().unwrap_or_default(),
     )?;
     assert_eq!(key, "incoming/a b.png");

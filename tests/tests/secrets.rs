@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 use batch_emulator::FaultSettings;
 use common::*;
-use shotlabel_shared::ExposeSecret;
-use shotlabel_shared::aws::{batch_client_from_env, required_secret, secret_setting};
+use shotlabel_aws::{batch_client_from_env, required_secret, secret_setting};
+use shotlabel_core::ExposeSecret;
 
 fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
     let map: HashMap<String, String> = vars

@@ -21,13 +21,17 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::*;
 use secrecy::SecretString;
-use shotlabel_shared::aws::{batch_client_from_env, required_secret, secret_setting};
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient, CreateBatchRequest};
-use shotlabel_shared::batch_token;
-use shotlabel_shared::ports::BatchProvider;
-use shotlabel_shared::records::unix_now;
-use shotlabel_shared::standard_webhooks::{WebhookSecrets, sign};
-use shotlabel_shared::webhook::{WebhookConfig, WebhookRequest, receive};
+use shotlabel_aws::{batch_client_from_env, required_secret, secret_setting};
+use shotlabel_batch_client::{BatchApiConfig, BatchClient};
+use shotlabel_core::batch_api::CreateBatchRequest;
+use shotlabel_core::batch_token;
+use shotlabel_core::ports::BatchProvider;
+use shotlabel_core::records::unix_now;
+use shotlabel_core::settings::{
+    FunctionSettings, ReceiverSettings, WebhookMode, apply_webhook_auth,
+};
+use shotlabel_core::standard_webhooks::{WebhookSecrets, sign};
+use shotlabel_core::webhook::{WebhookConfig, WebhookRequest, receive};
 
 /// The API key: distinctive, so that any piece of it found anywhere is a leak.
 const API_KEY: &str = "sk-SECRET-canary-7f3a9c1e5b2d4086aa11";
@@ -460,17 +464,30 @@ async fn secrets_never_reach_logs_or_errors_whatever_fails() -> anyhow::Result<(
         let mut config = WebhookConfig::new("bucket", "queue");
         errors.expect_err(
             "standard mode with a bad secret",
-            webhook::apply_webhook_auth(&mut config, Some("standard"), Some(secret.clone())),
+            apply_webhook_auth(
+                &mut config,
+                WebhookMode::Standard,
+                Some(SecretString::from(secret.clone())),
+            ),
         );
     }
     let mut config = WebhookConfig::new("bucket", "queue");
     errors.expect_err(
         "an unknown webhook mode",
-        webhook::apply_webhook_auth(&mut config, Some("standardish"), Some(whsec())),
+        ReceiverSettings::from_vars([
+            ("SHOTLABEL_BUCKET", "bucket"),
+            ("SHOTLABEL_HARVEST_QUEUE_URL", "queue"),
+            ("SHOTLABEL_WEBHOOK_MODE", "standardish"),
+            ("SHOTLABEL_WEBHOOK_SECRET", whsec().as_str()),
+        ]),
     );
     errors.expect_err(
         "a per-batch secret too short",
-        webhook::apply_webhook_auth(&mut config, Some("per-batch"), Some("perbatch-SEC".into())),
+        apply_webhook_auth(
+            &mut config,
+            WebhookMode::PerBatch,
+            Some(SecretString::from("perbatch-SEC")),
+        ),
     );
     errors.0.push((
         "the parsed secrets, printed".into(),
@@ -502,11 +519,11 @@ async fn secrets_never_reach_logs_or_errors_whatever_fails() -> anyhow::Result<(
     Ok(())
 }
 
-/// The `webhook` Lambda binary started with bad configuration that carries the secrets:
+/// The Lambda binaries started with bad configuration that carries the secrets:
 /// it must fail, and say why, without printing them.
 #[test]
 fn a_binary_with_bad_configuration_does_not_print_its_secrets() -> anyhow::Result<()> {
-    let binaries = build_binaries(&["webhook", "submit"])?;
+    let binaries = build_binaries(&["webhook", "submit", "harvest"])?;
     for binary in binaries {
         let name = binary
             .file_name()

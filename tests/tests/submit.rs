@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use batch_emulator::FaultSettings;
 use common::*;
-use shotlabel_shared::batch_api::{BatchClient, BatchStatus};
-use shotlabel_shared::ports::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
-use shotlabel_shared::records::{BatchPhase, BatchRecord, FailedRecord, Manifest, state_keys};
-use shotlabel_shared::request::BatchLimits;
-use shotlabel_shared::submit::{METADATA_MANIFEST, SubmitReport, run_submit};
+use shotlabel_batch_client::BatchClient;
+use shotlabel_core::batch_api::BatchStatus;
+use shotlabel_core::ports::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
+use shotlabel_core::records::{BatchPhase, BatchRecord, FailedRecord, Manifest, state_keys};
+use shotlabel_core::records::{RecordStatus, Stage};
+use shotlabel_core::request::BatchLimits;
+use shotlabel_core::submit::{METADATA_MANIFEST, SubmitReport, run_submit};
 use tokio::io::AsyncBufReadExt;
 
 async fn manifests(stack: &Stack) -> anyhow::Result<Vec<Manifest>> {
@@ -35,7 +37,7 @@ fn appearances(manifests: &[Manifest]) -> BTreeMap<String, usize> {
     seen
 }
 
-fn input_keys(objects: &[shotlabel_shared::enqueue::NewObject]) -> BTreeSet<String> {
+fn input_keys(objects: &[shotlabel_core::enqueue::NewObject]) -> BTreeSet<String> {
     objects.iter().map(|o| o.key.clone()).collect()
 }
 
@@ -169,8 +171,7 @@ async fn batches_split_by_request_count_and_by_bytes() -> anyhow::Result<()> {
     // Same images again, now split by bytes: no file may pass the byte limit.
     let mut relabel = enqueue_config(&stack)?;
     relabel.force_relabel = true;
-    shotlabel_shared::enqueue::enqueue_objects(&stack.store, &stack.queue, &relabel, objects)
-        .await?;
+    shotlabel_core::enqueue::enqueue_objects(&stack.store, &stack.queue, &relabel, objects).await?;
     let largest = report
         .batches
         .iter()
@@ -241,22 +242,22 @@ async fn awkward_files_are_prepared_or_failed_with_a_reason() -> anyhow::Result<
                 .last()
                 .ok_or_else(|| anyhow::anyhow!("no reason"))?;
             assert!(!reason.reason.is_empty());
-            assert_eq!(record.status, "failed");
+            assert_eq!(record.status, RecordStatus::Failed);
         }
     }
     let reason_of = |name: &str| {
         failed
             .get(&format!("{INPUT}{name}"))
             .and_then(|r| r.reasons.last())
-            .map(|r| (r.stage.clone(), r.reason.clone()))
+            .map(|r| (r.stage, r.reason.clone()))
     };
     let (stage, reason) =
         reason_of("empty.png").ok_or_else(|| anyhow::anyhow!("empty.png not failed"))?;
-    assert_eq!(stage, "enqueue");
+    assert_eq!(stage, Stage::Enqueue);
     assert!(reason.contains("empty"), "{reason}");
     let (stage, reason) = reason_of("not-an-image.png")
         .ok_or_else(|| anyhow::anyhow!("not-an-image.png not failed"))?;
-    assert_eq!(stage, "prepare");
+    assert_eq!(stage, Stage::Prepare);
     assert!(reason.contains("not a supported image"), "{reason}");
     for good in [
         "screenshot.jpg",
@@ -290,7 +291,7 @@ async fn awkward_files_are_prepared_or_failed_with_a_reason() -> anyhow::Result<
 /// A queue whose deletes all fail: the submitter "crashes" after creating its batches and
 /// before deleting their messages. It remembers the receipt handles it gave out.
 struct CrashBeforeDelete<'a> {
-    inner: &'a shotlabel_shared::aws::SqsQueue,
+    inner: &'a shotlabel_aws::SqsQueue,
     handles: Mutex<Vec<String>>,
 }
 
@@ -373,11 +374,11 @@ async fn a_crash_between_batch_creation_and_message_deletion_loses_nothing() -> 
     let mut duplicates = 0;
     for batch in first.batches.iter().chain(&second.batches) {
         wait_terminal(&client, &batch.batch_id).await?;
-        let request = shotlabel_shared::records::HarvestRequest {
+        let request = shotlabel_core::records::HarvestRequest {
             batch_id: Some(batch.batch_id.clone()),
             ..Default::default()
         };
-        let outcome = shotlabel_shared::harvest::harvest(
+        let outcome = shotlabel_core::harvest::harvest(
             &stack.store,
             &stack.queue,
             &client,
@@ -385,7 +386,7 @@ async fn a_crash_between_batch_creation_and_message_deletion_loses_nothing() -> 
             &request,
         )
         .await?;
-        if let shotlabel_shared::harvest::HarvestOutcome::Harvested { counts, .. } = outcome {
+        if let shotlabel_core::harvest::HarvestOutcome::Harvested { counts, .. } = outcome {
             labelled += counts.labelled;
             duplicates += counts.duplicates;
         }

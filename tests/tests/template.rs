@@ -1,12 +1,12 @@
 //! `template.yaml` held against the code.
 //!
-//! Each function crate declares what its deployment needs (`ENV_VARS`, `DEPLOYMENTS`, see
-//! `shotlabel_shared::deploy`), and its unit test holds `ENV_VARS` to its source. Here the
-//! template is held to those declarations. The rules:
+//! `shotlabel_deploy` declares what each function's deployment needs (`DEPLOYMENTS`), and
+//! the variables each binary reads come from its settings type
+//! (`shotlabel_core::settings`). Here the template is held to those declarations. The rules:
 //!
 //! - **Functions.** The template's functions are exactly the declared deployments, each
 //!   built with `rust-cargolambda` from the workspace root with `Binary` = its crate's
-//!   folder (`HarvestFunction` runs `webhook`), on `provided.al2023`.
+//!   folder, on `provided.al2023`.
 //! - **Environment.** Every variable a function is given is one its code reads. Every
 //!   `Env::Required` variable is given unconditionally, every `Env::RequiredIf` one exactly
 //!   under its condition, no `Env::Unset` one at all. Optional variables (code defaults)
@@ -29,7 +29,7 @@ use std::fmt;
 use std::path::Path;
 
 use serde_norway::{Mapping, Value};
-use shotlabel_shared::deploy::{self, Deployment, Env, Prefix, Resource};
+use shotlabel_deploy::{self as deploy, Deployment, Env, Prefix, Resource};
 
 fn template() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../template.yaml");
@@ -37,16 +37,11 @@ fn template() -> Value {
     serde_norway::from_str(&text).expect("template.yaml is YAML")
 }
 
-/// Every declared deployment, with the variables its crate reads.
-fn deployments() -> Vec<(&'static Deployment, &'static [&'static str])> {
-    let crates: [(&'static [Deployment], &'static [&'static str]); 3] = [
-        (enqueue::DEPLOYMENTS, enqueue::ENV_VARS),
-        (submit::DEPLOYMENTS, submit::ENV_VARS),
-        (webhook::DEPLOYMENTS, webhook::ENV_VARS),
-    ];
-    crates
-        .into_iter()
-        .flat_map(|(deployments, env)| deployments.iter().map(move |d| (d, env)))
+/// Every declared deployment, with the variables its binary reads (its settings type's).
+fn deployments() -> Vec<(&'static Deployment, BTreeSet<String>)> {
+    deploy::DEPLOYMENTS
+        .iter()
+        .map(|d| (d, (d.variables)()))
         .collect()
 }
 
@@ -449,7 +444,7 @@ fn each_function_is_given_what_its_code_reads_and_nothing_else() {
     for (deployment, env_vars) in deployments() {
         let id = deployment.function;
         let env = template.environment(id);
-        let read: BTreeSet<&str> = env_vars.iter().copied().collect();
+        let read: BTreeSet<&str> = env_vars.iter().map(String::as_str).collect();
         let triples = role_triples(&template, id);
 
         for (name, (condition, value)) in &env {
@@ -851,4 +846,43 @@ fn secrets_are_never_parameters_and_the_bucket_is_locked_down() {
                     })
         });
     assert!(tls_only, "the bucket policy refuses requests without TLS");
+}
+
+/// The receiver behind the public Function URL holds only what authenticating a callback
+/// and queueing a harvest need: not the provider's API key, not the pending queue, not the
+/// provider's URL; and it runs its own binary, apart from the harvest's.
+#[test]
+fn the_public_receiver_holds_no_provider_key_and_no_pending_queue() {
+    let template = Template::load();
+    let env = template.environment("WebhookFunction");
+    for name in [
+        "SHOTLABEL_API_KEY",
+        "SHOTLABEL_API_KEY_SECRET_ARN",
+        "SHOTLABEL_PROVIDER_URL",
+        "SHOTLABEL_PENDING_QUEUE_URL",
+    ] {
+        assert!(
+            !env.contains_key(name),
+            "the public receiver is given {name}"
+        );
+    }
+    for (_, action, target) in role_triples(&template, "WebhookFunction") {
+        assert_ne!(
+            target,
+            Target::Secret(deploy::PROVIDER_API_KEY_SECRET.to_owned()),
+            "the public receiver may {action} the provider's key"
+        );
+        assert_ne!(
+            target,
+            Target::Queue(deploy::PENDING_QUEUE.to_owned()),
+            "the public receiver may {action} the pending queue"
+        );
+    }
+    let binary = |id: &str| {
+        template.resource(id)["Metadata"]["BuildProperties"]["Binary"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(binary("WebhookFunction").as_deref(), Some("webhook"));
+    assert_eq!(binary("HarvestFunction").as_deref(), Some("harvest"));
 }

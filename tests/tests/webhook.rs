@@ -19,16 +19,17 @@ use base64::engine::general_purpose::STANDARD;
 use batch_emulator::{EmulatorConfig, FaultSettings, RunningEmulator};
 use common::*;
 use secrecy::SecretString;
-use shotlabel_shared::aws::{S3Store, SqsQueue};
-use shotlabel_shared::batch_api::{BatchClient, CreateBatchRequest};
-use shotlabel_shared::batch_token;
-use shotlabel_shared::ports::Queue;
-use shotlabel_shared::records::{BatchPhase, BatchRecord, HarvestRequest, state_keys, unix_now};
-use shotlabel_shared::request::BatchLimits;
-use shotlabel_shared::standard_webhooks::{WebhookSecrets, sign};
-use shotlabel_shared::submit::{PerBatchWebhook, run_submit};
-use shotlabel_shared::task::Task;
-use shotlabel_shared::webhook::{WebhookConfig, WebhookRequest, receive};
+use shotlabel_aws::{S3Store, SqsQueue};
+use shotlabel_batch_client::BatchClient;
+use shotlabel_core::batch_api::CreateBatchRequest;
+use shotlabel_core::batch_token;
+use shotlabel_core::ports::Queue;
+use shotlabel_core::records::{BatchPhase, BatchRecord, HarvestRequest, state_keys, unix_now};
+use shotlabel_core::request::BatchLimits;
+use shotlabel_core::standard_webhooks::{WebhookSecrets, sign};
+use shotlabel_core::submit::{PerBatchWebhook, run_submit};
+use shotlabel_core::task::Task;
+use shotlabel_core::webhook::{WebhookConfig, WebhookRequest, receive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A Standard Webhooks secret for these tests (32 bytes after `whsec_`).
@@ -427,17 +428,16 @@ async fn a_submitted_batch_is_labelled_through_the_webhook_and_the_harvest_queue
             "awsRegion": "us-east-1",
         }]
     });
-    let handler = webhook::Handler {
+    let handler = harvest::Handler {
         store: stack.store.clone(),
         queue: stack.queue.clone(),
         provider: client(&emulator, quick_retries(3))?,
-        webhook: receiver_config(&stack),
         harvest: harvest_config(&stack)?,
     };
-    let response = webhook::handle(&handler, event)
+    let response = harvest::handle(&handler, serde_json::from_value(event)?)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    assert_eq!(response, serde_json::json!({ "batchItemFailures": [] }));
+    assert!(response.batch_item_failures.is_empty());
     assert_eq!(list(&stack, "labels/").await?.len(), 2);
     let record: BatchRecord = read_json(&stack, &state_keys::batch(&batch.batch_id)).await?;
     assert_eq!(record.phase, BatchPhase::Harvested);

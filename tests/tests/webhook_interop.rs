@@ -10,9 +10,9 @@ use std::process::{Command, Stdio};
 
 use base64::Engine;
 use common::*;
-use shotlabel_shared::records::unix_now;
-use shotlabel_shared::standard_webhooks::WebhookSecrets;
-use shotlabel_shared::webhook::{WebhookConfig, WebhookRequest, receive};
+use shotlabel_core::records::unix_now;
+use shotlabel_core::standard_webhooks::WebhookSecrets;
+use shotlabel_core::webhook::{WebhookConfig, WebhookRequest, receive};
 
 const SIGN: &str = r#"
 import json, sys

@@ -1,53 +1,33 @@
 //! The enqueue handler: S3 event records in, pending-queue messages out.
 
 use aws_lambda_events::event::s3::S3Event;
-use shotlabel_shared::aws::{S3Store, SqsQueue, load_sdk_config, s3_client, sqs_client};
-use shotlabel_shared::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_objects};
-use shotlabel_shared::ports::{ObjectStore, Queue};
-use shotlabel_shared::records::{Layout, TaskRef};
-use shotlabel_shared::s3_key::decode_event_key;
-use shotlabel_shared::settings;
+#[cfg(feature = "aws")]
+use shotlabel_aws::{S3Store, SqsQueue, load_sdk_config, s3_client_with, sqs_client};
+use shotlabel_core::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_objects};
+use shotlabel_core::ports::{ObjectStore, Queue};
+use shotlabel_core::s3_key::decode_event_key;
+#[cfg(feature = "aws")]
+use shotlabel_core::settings::{EnqueueSettings, FunctionSettings};
 
 /// Clients and settings, built once per cold start.
 #[derive(Debug)]
-pub struct Handler<S = S3Store, Q = SqsQueue> {
+pub struct Handler<S, Q> {
     pub store: S,
     pub queue: Q,
     pub config: EnqueueConfig,
 }
 
-/// Default largest object queued: 50 MiB (the submitter's decode limit).
-const DEFAULT_MAX_OBJECT_BYTES: u64 = 50 * 1024 * 1024;
-
-impl Handler {
+#[cfg(feature = "aws")]
+impl Handler<S3Store, SqsQueue> {
     pub async fn from_env() -> Result<Self, lambda_runtime::Error> {
+        let settings = EnqueueSettings::from_env()?;
         let sdk = load_sdk_config().await;
         Ok(Self {
-            store: S3Store::new(s3_client(&sdk)),
+            store: S3Store::new(s3_client_with(&sdk, &settings.s3)),
             queue: SqsQueue::new(sqs_client(&sdk)),
-            config: config_from_env()?,
+            config: settings.config()?,
         })
     }
-}
-
-pub fn config_from_env() -> Result<EnqueueConfig, settings::SettingsError> {
-    let task = settings::task()?;
-    Ok(EnqueueConfig {
-        layout: Layout::new(&settings::input_prefix()),
-        pending_queue_url: settings::required(
-            "SHOTLABEL_PENDING_QUEUE_URL",
-            "the URL of the pending SQS queue",
-        )?,
-        max_object_bytes: settings::number_or(
-            "SHOTLABEL_MAX_OBJECT_BYTES",
-            DEFAULT_MAX_OBJECT_BYTES,
-        )?,
-        force_relabel: settings::flag("SHOTLABEL_FORCE_RELABEL")?,
-        task: TaskRef {
-            name: task.name().to_owned(),
-            version: task.version().to_owned(),
-        },
-    })
 }
 
 /// The created objects an event reports, keys decoded. Other event types are left out;
@@ -104,65 +84,14 @@ pub async fn handle<S: ObjectStore, Q: Queue>(
         ignored = report.ignored,
         "enqueued"
     );
-    shotlabel_shared::metrics::emit(
+    #[cfg(feature = "aws")]
+    shotlabel_aws::metrics::emit(
         "enqueue",
-        &shotlabel_shared::metrics::Counts {
+        &shotlabel_core::metrics::Counts {
             images_queued: report.queued as u64,
             images_failed: report.failed as u64,
             ..Default::default()
         },
     );
     Ok(report)
-}
-
-// ---- deployment description ----
-// What this function needs from `template.yaml`; `tests/tests/template.rs` holds the
-// template to it (see `shotlabel_shared::deploy`).
-
-use shotlabel_shared::deploy::{
-    self, Deployment, Env, FAILED, Grant, HAS_TASK, LABELS, PENDING_QUEUE, Resource, S3_GET,
-    S3_PUT, SQS_SEND,
-};
-
-/// Every variable [`Handler::from_env`] reads (held to the source by a unit test).
-pub const ENV_VARS: &[&str] = &[
-    "SHOTLABEL_FORCE_RELABEL",
-    "SHOTLABEL_INPUT_PREFIX",
-    "SHOTLABEL_MAX_OBJECT_BYTES",
-    "SHOTLABEL_PENDING_QUEUE_URL",
-    "SHOTLABEL_S3_PATH_STYLE",
-    "SHOTLABEL_TASK",
-];
-
-/// What [`handle`] does on AWS: looks for a current label (GET, or HEAD when relabelling),
-/// writes failed records for refused objects, and sends the pending messages.
-pub const GRANTS: &[Grant] = &[
-    Grant::new(&[S3_GET], &[Resource::Objects(LABELS)]),
-    Grant::new(&[S3_PUT], &[Resource::Objects(FAILED)]),
-    Grant::new(&[SQS_SEND], &[Resource::Queue(PENDING_QUEUE)]),
-];
-
-/// The one deployment: triggered by objects created under the input prefix.
-pub const DEPLOYMENTS: &[Deployment] = &[Deployment {
-    function: "EnqueueFunction",
-    binary: "enqueue",
-    env: &[
-        Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
-        // Must be the S3 trigger's prefix filter, or events would be ignored.
-        Env::Required("SHOTLABEL_INPUT_PREFIX"),
-        Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
-    ],
-    grants: &[deploy::LOGGING, deploy::SEE_MISSING_KEYS, GRANTS],
-}];
-
-#[cfg(test)]
-mod deployment_tests {
-    use std::collections::BTreeSet;
-
-    #[test]
-    fn env_vars_are_what_the_code_reads() {
-        let read = shotlabel_shared::deploy::variables_read_by(include_str!("lib.rs"));
-        let declared: BTreeSet<String> = super::ENV_VARS.iter().map(|v| (*v).to_owned()).collect();
-        assert_eq!(declared, read);
-    }
 }

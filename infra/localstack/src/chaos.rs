@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shotlabel_shared::batch_api::{Batch, BatchApiError, CreateBatchRequest, FileObject};
-use shotlabel_shared::ports::{
+use shotlabel_core::batch_api::{Batch, BatchApiError, CreateBatchRequest, FileObject};
+use shotlabel_core::ports::{
     BatchProvider, LineReader, ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueError,
     ReceivedMessage, StoreError, StoredObject, WriteCondition,
 };

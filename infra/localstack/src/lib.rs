@@ -127,7 +127,7 @@ pub async fn local_sdk_config(endpoint: &str) -> SdkConfig {
 }
 
 /// The functions' own client constructors: with the local endpoint set, S3 is path-style.
-pub use shotlabel_shared::aws::{s3_client, sqs_client};
+pub use shotlabel_aws::{s3_client, sqs_client};
 
 fn free_port() -> Result<u16, LocalStackError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(LocalStackError::Port)?;

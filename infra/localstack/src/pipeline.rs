@@ -1,6 +1,5 @@
 //! The whole pipeline on one machine, wired the way AWS wires it: S3 notifications →
-//! enqueue, a timer → submit, an HTTP listener → webhook, the harvest queue → the
-//! webhook binary's harvest handler. Each function is called through its Lambda handler
+//! enqueue, a timer → submit, an HTTP listener → webhook, the harvest queue → harvest. Each function is called through its Lambda handler
 //! with the event JSON AWS would deliver, so the code that runs here is the code that
 //! runs there. With [`PipelineOptions::chaos`] set, the runners and the ports the
 //! handlers use inject crashes, redeliveries and duplicate events ([`crate::chaos`]).
@@ -13,43 +12,35 @@ use std::time::Duration;
 use aws_config::SdkConfig;
 use aws_lambda_events::event::lambda_function_urls::{
     LambdaFunctionUrlRequest, LambdaFunctionUrlRequestContext,
-    LambdaFunctionUrlRequestContextHttpDescription,
+    LambdaFunctionUrlRequestContextHttpDescription, LambdaFunctionUrlResponse,
 };
 use aws_lambda_events::event::s3::S3Event;
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use axum::body::Bytes;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use batch_emulator::{EmulatorConfig, FaultSettings, RunningEmulator};
+use clap::ValueEnum;
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Value, json};
-use shotlabel_shared::aws::{S3Store, SqsQueue};
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient, RetryPolicy};
-use shotlabel_shared::enqueue::EnqueueConfig;
-use shotlabel_shared::harvest::HarvestConfig;
-use shotlabel_shared::ports::ObjectStore;
-use shotlabel_shared::prepare::DecodeLimits;
-use shotlabel_shared::records::{Layout, TaskRef};
-use shotlabel_shared::request::BatchLimits;
-use shotlabel_shared::standard_webhooks::WebhookSecrets;
-use shotlabel_shared::submit::{PerBatchWebhook, SubmitConfig};
-use shotlabel_shared::task::Task;
-use shotlabel_shared::webhook::WebhookConfig;
+use serde_json::json;
+use shotlabel_aws::{S3Store, SqsQueue};
+use shotlabel_batch_client::{BatchApiConfig, BatchClient, RetryPolicy};
+use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::records::TaskRef;
+use shotlabel_core::request::BatchLimits;
+use shotlabel_core::settings::{
+    EnqueueSettings, FunctionSettings, HarvestSettings, ReceiverSettings, SubmitSettings,
+};
+use shotlabel_core::task::Task;
 use tokio::task::JoinHandle;
 
 use crate::chaos::{Chaos, ChaosOptions, ChaosStats, Chaotic, Function, Invocation};
 use crate::{LocalResources, MotoServer, create_resources, route_object_events, sqs_client};
 
-/// How the provider tells the webhook a batch is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WebhookMode {
-    /// One signed endpoint for every batch (OpenAI's project webhooks).
-    Standard,
-    /// A URL per batch carrying a token (Inference.net's `webhook_url`).
-    PerBatch,
-}
+/// How the provider tells the webhook a batch is done: the functions' own setting.
+pub use shotlabel_core::settings::WebhookMode;
 
 /// Where the batches go.
 #[derive(Debug, Clone)]
@@ -160,7 +151,8 @@ type Sqs = Chaotic<SqsQueue>;
 type Provider = Chaotic<BatchClient>;
 type Enqueue = enqueue::Handler<Store, Sqs>;
 type Submit = submit::Handler<Store, Sqs, Provider>;
-type Webhook = webhook::Handler<Store, Sqs, Provider>;
+type Webhook = webhook::Handler<Store, Sqs>;
+type Harvest = harvest::Handler<Store, Sqs, Provider>;
 
 impl LocalPipeline {
     pub async fn start(options: PipelineOptions) -> Result<Self, PipelineError> {
@@ -213,78 +205,112 @@ impl LocalPipeline {
 
         let store = Chaotic(S3Store::new(crate::s3_client(&sdk)));
         let queue = Chaotic(SqsQueue::new(sqs_client(&sdk)));
-        let layout = Layout::new(&options.input_prefix);
-        let task_ref = TaskRef {
+
+        // Each function is configured through its settings type from the variables a
+        // deployment would set, so local runs and AWS read the same settings the same way.
+        // Only the task is handed over loaded: it may not come from a file.
+        let max_retries = options.max_retries.to_string();
+        let webhook_mode = options
+            .webhook_mode
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default();
+        let max_batch_requests = options.limits.max_requests.to_string();
+        let max_batch_bytes = options.limits.max_bytes.to_string();
+        // A remote provider cannot call back to this machine: reconcile at once.
+        let reconcile_min_age = match options.provider {
+            ProviderChoice::Remote { .. } => Duration::ZERO,
+            ProviderChoice::Emulator { .. } => options.reconcile_min_age,
+        }
+        .as_secs()
+        .to_string();
+        let work_dir = std::env::temp_dir().join(format!("{}-work", options.stack_name));
+        let work_dir = work_dir.to_string_lossy();
+        let bucket = resources.bucket.as_str();
+        let pending = resources.pending_queue_url.as_str();
+        let prefix = options.input_prefix.as_str();
+
+        let enqueue_settings = EnqueueSettings::from_vars([
+            ("SHOTLABEL_PENDING_QUEUE_URL", pending),
+            ("SHOTLABEL_INPUT_PREFIX", prefix),
+        ])
+        .map_err(start_error)?;
+        let mut enqueue_config = enqueue_settings.config().map_err(start_error)?;
+        enqueue_config.task = TaskRef {
             name: options.task.name().to_owned(),
             version: options.task.version().to_owned(),
-        };
-        let harvest = HarvestConfig {
-            bucket: resources.bucket.clone(),
-            layout: layout.clone(),
-            pending_queue_url: resources.pending_queue_url.clone(),
-            task: options.task.clone(),
-            max_retries: options.max_retries,
         };
         let enqueue_handler = Enqueue {
             store: store.clone(),
             queue: queue.clone(),
-            config: EnqueueConfig {
-                layout: layout.clone(),
-                pending_queue_url: resources.pending_queue_url.clone(),
-                max_object_bytes: DecodeLimits::default().max_bytes,
-                force_relabel: false,
-                task: task_ref,
-            },
+            config: enqueue_config,
         };
-        let per_batch_webhook = match options.webhook_mode {
-            WebhookMode::PerBatch => Some(PerBatchWebhook {
-                base_url: url::Url::parse(&webhook_url).map_err(start_error)?,
-                secret: secret.clone(),
-            }),
-            WebhookMode::Standard => None,
-        };
-        let work_dir = std::env::temp_dir().join(format!("{}-work", options.stack_name));
+
+        let harvest_settings = HarvestSettings::from_vars([
+            ("SHOTLABEL_BUCKET", bucket),
+            ("SHOTLABEL_PENDING_QUEUE_URL", pending),
+            ("SHOTLABEL_INPUT_PREFIX", prefix),
+            ("SHOTLABEL_MAX_RETRIES", max_retries.as_str()),
+            ("SHOTLABEL_PROVIDER_URL", base_url.as_str()),
+        ])
+        .map_err(start_error)?;
+        let mut harvest = harvest_settings.harvest.config().map_err(start_error)?;
+        harvest.task = options.task.clone();
+
+        let submit_settings = SubmitSettings::from_vars([
+            ("SHOTLABEL_BUCKET", bucket),
+            ("SHOTLABEL_PENDING_QUEUE_URL", pending),
+            ("SHOTLABEL_INPUT_PREFIX", prefix),
+            ("SHOTLABEL_MAX_RETRIES", max_retries.as_str()),
+            ("SHOTLABEL_PROVIDER_URL", base_url.as_str()),
+            ("SHOTLABEL_WEBHOOK_MODE", webhook_mode.as_str()),
+            ("SHOTLABEL_WEBHOOK_URL", webhook_url.as_str()),
+            ("SHOTLABEL_MAX_BATCH_REQUESTS", max_batch_requests.as_str()),
+            ("SHOTLABEL_MAX_BATCH_BYTES", max_batch_bytes.as_str()),
+            // Short runs and no long polls: the local timer fires every few seconds.
+            ("SHOTLABEL_SUBMIT_BUDGET_SECONDS", "30"),
+            ("SHOTLABEL_SUBMIT_VISIBILITY_SECONDS", "300"),
+            ("SHOTLABEL_RECEIVE_WAIT_SECONDS", "0"),
+            ("SHOTLABEL_WORK_DIR", work_dir.as_ref()),
+            (
+                "SHOTLABEL_RECONCILE_MIN_AGE_SECONDS",
+                reconcile_min_age.as_str(),
+            ),
+        ])
+        .map_err(start_error)?;
+        let mut submit_config = submit_settings
+            .config(Some(secret.clone()))
+            .map_err(start_error)?;
+        submit_config.task = options.task.clone();
         let submit_handler = Submit {
             store: store.clone(),
             queue: queue.clone(),
             provider: provider.clone(),
-            config: SubmitConfig {
-                bucket: resources.bucket.clone(),
-                layout: layout.clone(),
-                pending_queue_url: resources.pending_queue_url.clone(),
-                task: options.task.clone(),
-                limits: options.limits,
-                decode_limits: DecodeLimits::default(),
-                time_budget: Duration::from_secs(30),
-                visibility_timeout: Duration::from_secs(300),
-                receive_wait: Duration::ZERO,
-                max_images: 0,
-                concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
-                work_dir,
-                completion_window: "24h".into(),
-                per_batch_webhook,
-            },
+            config: submit_config,
             harvest: harvest.clone(),
-            // A remote provider cannot call back to this machine: reconcile at once.
-            reconcile_min_age: match options.provider {
-                ProviderChoice::Remote { .. } => Duration::ZERO,
-                ProviderChoice::Emulator { .. } => options.reconcile_min_age,
-            },
+            reconcile_min_age: submit_settings.reconcile_min_age(),
         };
-        let mut webhook_config =
-            WebhookConfig::new(&resources.bucket, &resources.harvest_queue_url);
-        match options.webhook_mode {
-            WebhookMode::Standard => {
-                webhook_config.standard =
-                    Some(WebhookSecrets::parse(secret.expose_secret()).map_err(start_error)?);
-            }
-            WebhookMode::PerBatch => webhook_config.per_batch_secret = Some(secret.clone()),
-        }
+
+        let receiver_settings = ReceiverSettings::from_vars([
+            ("SHOTLABEL_BUCKET", bucket),
+            (
+                "SHOTLABEL_HARVEST_QUEUE_URL",
+                resources.harvest_queue_url.as_str(),
+            ),
+            ("SHOTLABEL_WEBHOOK_MODE", webhook_mode.as_str()),
+        ])
+        .map_err(start_error)?;
         let webhook_handler = Webhook {
             store: store.clone(),
             queue: queue.clone(),
+            webhook: receiver_settings
+                .config(Some(secret.clone()))
+                .map_err(start_error)?,
+        };
+        let harvest_handler = Harvest {
+            store: store.clone(),
+            queue: queue.clone(),
             provider,
-            webhook: webhook_config,
             harvest,
         };
 
@@ -295,6 +321,7 @@ impl LocalPipeline {
             .clone()
             .map(|chaos| Chaos::new(chaos, sqs.clone()));
         let webhook_handler = Arc::new(webhook_handler);
+        let harvest_handler = Arc::new(harvest_handler);
         let runners = vec![
             tokio::spawn(object_events(
                 sqs.clone(),
@@ -318,7 +345,7 @@ impl LocalPipeline {
                 HarvestRunner {
                     sqs,
                     queue_url: resources.harvest_queue_url.clone(),
-                    handler: webhook_handler,
+                    handler: harvest_handler,
                     stats: stats.clone(),
                     chaos: chaos.clone(),
                 },
@@ -360,9 +387,9 @@ impl LocalPipeline {
     /// How many of these input keys have a terminal record (a label or a failed record).
     pub async fn terminal_count(
         &self,
-        layout: &Layout,
+        layout: &shotlabel_core::records::Layout,
         keys: &[String],
-    ) -> Result<usize, shotlabel_shared::ports::StoreError> {
+    ) -> Result<usize, shotlabel_core::ports::StoreError> {
         let store = self.store();
         let bucket = &self.resources.bucket;
         let labels: std::collections::HashSet<String> =
@@ -609,25 +636,7 @@ async fn function_url(
         Ok(body) => body,
         Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
     };
-    let mut event = LambdaFunctionUrlRequest::default();
-    event.version = Some("2.0".into());
-    event.raw_path = Some(parts.uri.path().to_owned());
-    event.raw_query_string = Some(parts.uri.query().unwrap_or_default().to_owned());
-    event.headers = parts.headers.clone();
-    event.is_base64_encoded = true;
-    event.body = Some(base64::engine::general_purpose::STANDARD.encode(&body));
-    let mut http = LambdaFunctionUrlRequestContextHttpDescription::default();
-    http.method = Some(parts.method.to_string());
-    http.path = Some(parts.uri.path().to_owned());
-    http.protocol = Some("HTTP/1.1".into());
-    http.source_ip = Some("127.0.0.1".into());
-    let mut context = LambdaFunctionUrlRequestContext::default();
-    context.http = http;
-    event.request_context = context;
-    let event = match serde_json::to_value(&event) {
-        Ok(event) => event,
-        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    };
+    let event = function_url_event(&parts, &body);
     match webhook::handle(&handler, event).await {
         Ok(response) => function_url_response(&response),
         Err(e) => {
@@ -638,14 +647,38 @@ async fn function_url(
     }
 }
 
-/// A Function URL response object as the HTTP response it stands for.
-fn function_url_response(response: &Value) -> Response {
-    let status = response["statusCode"]
-        .as_u64()
-        .and_then(|s| StatusCode::from_u16(s as u16).ok())
+/// The Function URL event Lambda delivers for an HTTP request (bodies base64-encoded, as
+/// Function URLs send them).
+pub fn function_url_event(
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+) -> LambdaFunctionUrlRequest {
+    let mut event = LambdaFunctionUrlRequest::default();
+    event.version = Some("2.0".into());
+    event.raw_path = Some(parts.uri.path().to_owned());
+    event.raw_query_string = Some(parts.uri.query().unwrap_or_default().to_owned());
+    event.headers = parts.headers.clone();
+    event.is_base64_encoded = true;
+    event.body = Some(base64::engine::general_purpose::STANDARD.encode(body));
+    let mut http = LambdaFunctionUrlRequestContextHttpDescription::default();
+    http.method = Some(parts.method.to_string());
+    http.path = Some(parts.uri.path().to_owned());
+    http.protocol = Some("HTTP/1.1".into());
+    http.source_ip = Some("127.0.0.1".into());
+    let mut context = LambdaFunctionUrlRequestContext::default();
+    context.http = http;
+    event.request_context = context;
+    event
+}
+
+/// A Function URL response as the HTTP response it stands for.
+pub fn function_url_response(response: &LambdaFunctionUrlResponse) -> Response {
+    let status = u16::try_from(response.status_code)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
-    let body = response["body"].as_str().unwrap_or_default().to_owned();
-    let body = if response["isBase64Encoded"].as_bool() == Some(true) {
+    let body = response.body.clone().unwrap_or_default();
+    let body = if response.is_base64_encoded {
         base64::engine::general_purpose::STANDARD
             .decode(&body)
             .unwrap_or_default()
@@ -653,15 +686,8 @@ fn function_url_response(response: &Value) -> Response {
         body.into_bytes()
     };
     let mut headers = HeaderMap::new();
-    if let Some(map) = response["headers"].as_object() {
-        for (name, value) in map {
-            if let (Ok(name), Some(Ok(value))) = (
-                axum::http::HeaderName::try_from(name.as_str()),
-                value.as_str().map(HeaderValue::from_str),
-            ) {
-                headers.insert(name, value);
-            }
-        }
+    for (name, value) in &response.headers {
+        headers.insert(name.clone(), value.clone());
     }
     (status, headers, body).into_response()
 }
@@ -671,12 +697,12 @@ fn function_url_response(response: &Value) -> Response {
 struct HarvestRunner {
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
-    handler: Arc<Webhook>,
+    handler: Arc<Harvest>,
     stats: Arc<RunnerStats>,
     chaos: Option<Arc<Chaos>>,
 }
 
-/// SQS harvest queue → the webhook binary's harvest handler, with Lambda's partial batch
+/// SQS harvest queue → the harvest function's handler, with Lambda's partial batch
 /// failure semantics: only the messages the handler did not report are deleted. Up to
 /// `concurrency` invocations run at once.
 async fn harvest_queue(runner: HarvestRunner, concurrency: usize) {
@@ -759,35 +785,26 @@ impl HarvestRunner {
                 .filter_map(|m| m.message_id.clone())
                 .collect()
         };
-        let mut crashed = false;
-        let failures: Vec<String> = match serde_json::to_value(&event) {
-            Ok(event) => {
-                let (outcome, invocation) = invoke(
-                    self.chaos.as_ref(),
-                    Function::Harvest,
-                    webhook::handle(&self.handler, event),
-                )
-                .await;
-                crashed = invocation.is_some_and(|i| i.crashed());
-                match outcome {
-                    Some(Ok(response)) => serde_json::from_value::<SqsBatchResponse>(response)
-                        .map(|r| {
-                            r.batch_item_failures
-                                .into_iter()
-                                .map(|f| f.item_identifier)
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    Some(Err(e)) => {
-                        stats.handler_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, "the harvest handler failed");
-                        all()
-                    }
-                    // Killed: Lambda retries the whole batch.
-                    None => all(),
-                }
+        let (outcome, invocation) = invoke(
+            self.chaos.as_ref(),
+            Function::Harvest,
+            harvest::handle(&self.handler, event),
+        )
+        .await;
+        let crashed = invocation.is_some_and(|i| i.crashed());
+        let failures: Vec<String> = match outcome {
+            Some(Ok(response)) => response
+                .batch_item_failures
+                .into_iter()
+                .map(|f| f.item_identifier)
+                .collect(),
+            Some(Err(e)) => {
+                stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "the harvest handler failed");
+                all()
             }
-            Err(_) => Vec::new(),
+            // Killed: Lambda retries the whole batch.
+            None => all(),
         };
         let mut left = Vec::new();
         for message in messages {

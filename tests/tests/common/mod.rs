@@ -9,15 +9,15 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use batch_emulator::{EmulatorConfig, FaultSettings, RunningEmulator};
 use secrecy::SecretString;
+use shotlabel_aws::{S3Store, SqsQueue};
+use shotlabel_batch_client::{BatchApiConfig, BatchClient, RetryPolicy};
+use shotlabel_core::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_objects};
+use shotlabel_core::prepare::DecodeLimits;
+use shotlabel_core::records::{Layout, TaskRef};
+use shotlabel_core::request::BatchLimits;
+use shotlabel_core::submit::SubmitConfig;
+use shotlabel_core::task::Task;
 use shotlabel_localstack::{LocalResources, MotoServer, create_resources, s3_client, sqs_client};
-use shotlabel_shared::aws::{S3Store, SqsQueue};
-use shotlabel_shared::batch_api::{BatchApiConfig, BatchClient, RetryPolicy};
-use shotlabel_shared::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_objects};
-use shotlabel_shared::prepare::DecodeLimits;
-use shotlabel_shared::records::{Layout, TaskRef};
-use shotlabel_shared::request::BatchLimits;
-use shotlabel_shared::submit::SubmitConfig;
-use shotlabel_shared::task::Task;
 
 pub const KEY: &str = "integration-test-key";
 pub const INPUT: &str = "incoming/";
@@ -174,7 +174,7 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 pub async fn list(stack: &Stack, prefix: &str) -> anyhow::Result<Vec<String>> {
-    use shotlabel_shared::ports::ObjectStore;
+    use shotlabel_core::ports::ObjectStore;
     Ok(stack.store.list(&stack.resources.bucket, prefix).await?)
 }
 
@@ -215,8 +215,8 @@ pub async fn release(
     Ok(())
 }
 
-pub fn harvest_config(stack: &Stack) -> anyhow::Result<shotlabel_shared::harvest::HarvestConfig> {
-    Ok(shotlabel_shared::harvest::HarvestConfig {
+pub fn harvest_config(stack: &Stack) -> anyhow::Result<shotlabel_core::harvest::HarvestConfig> {
+    Ok(shotlabel_core::harvest::HarvestConfig {
         bucket: stack.resources.bucket.clone(),
         layout: Layout::new(INPUT),
         pending_queue_url: stack.resources.pending_queue_url.clone(),
@@ -229,7 +229,7 @@ pub fn harvest_config(stack: &Stack) -> anyhow::Result<shotlabel_shared::harvest
 pub async fn wait_terminal(
     client: &BatchClient,
     batch_id: &str,
-) -> anyhow::Result<shotlabel_shared::batch_api::Batch> {
+) -> anyhow::Result<shotlabel_core::batch_api::Batch> {
     let start = std::time::Instant::now();
     loop {
         let batch = client.retrieve_batch(batch_id).await?;

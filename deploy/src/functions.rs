@@ -1,0 +1,183 @@
+//! Each function of `template.yaml`: its binary, the variables it must be given, and the
+//! access its code uses. The variables it may be given are its settings type's.
+
+use shotlabel_core::settings::{
+    EnqueueSettings, FunctionSettings, HarvestSettings, ReceiverSettings, SubmitSettings,
+};
+
+use crate::{
+    BATCHES, DELIVERIES, Deployment, Env, FAILED, GET_SECRET, Grant, HARVEST, HARVEST_BY_MANIFEST,
+    HARVEST_QUEUE, HAS_TASK, LABELS, LOGGING, MANIFEST_BATCH, MANIFESTS, OPEN, PENDING_QUEUE,
+    PER_BATCH_WEBHOOKS, PROVIDER, Prefix, Resource, S3_DELETE, S3_GET, S3_PUT, SEE_MISSING_KEYS,
+    SQS_ATTRIBUTES, SQS_DELETE, SQS_RECEIVE, SQS_SEND, WEBHOOK_SECRET,
+};
+
+/// What enqueue does on AWS: looks for a current label (GET, or HEAD when relabelling),
+/// writes failed records for refused objects, and sends the pending messages.
+const ENQUEUE_GRANTS: &[Grant] = &[
+    Grant::new(&[S3_GET], &[Resource::Objects(LABELS)]),
+    Grant::new(&[S3_PUT], &[Resource::Objects(FAILED)]),
+    Grant::new(&[SQS_SEND], &[Resource::Queue(PENDING_QUEUE)]),
+];
+
+/// Triggered by objects created under the input prefix.
+pub const ENQUEUE: Deployment = Deployment {
+    function: "EnqueueFunction",
+    binary: "enqueue",
+    env: &[
+        Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
+        // Must be the S3 trigger's prefix filter, or events would be ignored.
+        Env::Required("SHOTLABEL_INPUT_PREFIX"),
+        Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
+    ],
+    grants: &[LOGGING, SEE_MISSING_KEYS, ENQUEUE_GRANTS],
+    variables: EnqueueSettings::variables,
+};
+
+/// What a submit run does on AWS: takes pending messages (and deletes them once their batch
+/// exists), reads each image, writes failed records, manifests, manifest → batch links,
+/// state records and open markers; in per-batch webhook mode it signs each batch's webhook
+/// URL with the webhook secret. Reconciliation, which runs first, is a harvest
+/// ([`HARVEST`]) and lists the open markers.
+const SUBMIT_GRANTS: &[Grant] = &[
+    Grant::new(
+        &[SQS_RECEIVE, SQS_DELETE],
+        &[Resource::Queue(PENDING_QUEUE)],
+    ),
+    Grant::new(&[S3_GET], &[Resource::Objects(Prefix::Input)]),
+    Grant::new(
+        &[S3_PUT],
+        &[
+            Resource::Objects(FAILED),
+            Resource::Objects(MANIFESTS),
+            Resource::Objects(MANIFEST_BATCH),
+            Resource::Objects(BATCHES),
+            Resource::Objects(OPEN),
+        ],
+    ),
+    Grant::new(&[GET_SECRET], &[Resource::Secret(WEBHOOK_SECRET)]).only_if(PER_BATCH_WEBHOOKS),
+];
+
+/// Run on a schedule.
+pub const SUBMIT: Deployment = Deployment {
+    function: "SubmitFunction",
+    binary: "submit",
+    env: &[
+        Env::Required("SHOTLABEL_BUCKET"),
+        Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
+        Env::Required("SHOTLABEL_PROVIDER_URL"),
+        Env::Required("SHOTLABEL_API_KEY_SECRET_ARN"),
+        // Must agree with the other functions' (labels are laid out below it).
+        Env::Required("SHOTLABEL_INPUT_PREFIX"),
+        // Must agree with the webhook receiver's.
+        Env::Required("SHOTLABEL_WEBHOOK_MODE"),
+        // Must agree with the harvest's.
+        Env::Required("SHOTLABEL_MAX_RETRIES"),
+        // Must outlast the function's timeout (checked by the template test).
+        Env::Required("SHOTLABEL_SUBMIT_VISIBILITY_SECONDS"),
+        Env::Required("SHOTLABEL_SUBMIT_BUDGET_SECONDS"),
+        Env::RequiredIf("SHOTLABEL_WEBHOOK_URL", PER_BATCH_WEBHOOKS),
+        Env::RequiredIf("SHOTLABEL_WEBHOOK_SECRET_SECRET_ARN", PER_BATCH_WEBHOOKS),
+        Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
+    ],
+    grants: &[LOGGING, SEE_MISSING_KEYS, PROVIDER, HARVEST, SUBMIT_GRANTS],
+    variables: SubmitSettings::variables,
+};
+
+/// What the receiver does: claims and, when sending fails, releases a delivery marker;
+/// queues one harvest request; authenticates with the webhook secret. Nothing else: no
+/// provider key, no pending queue, no labels.
+const RECEIVER_GRANTS: &[Grant] = &[
+    Grant::new(&[S3_PUT, S3_DELETE], &[Resource::Objects(DELIVERIES)]),
+    Grant::new(&[SQS_SEND], &[Resource::Queue(HARVEST_QUEUE)]),
+    Grant::new(&[GET_SECRET], &[Resource::Secret(WEBHOOK_SECRET)]),
+];
+
+/// Behind the Function URL, facing the internet: fast, never harvests.
+pub const RECEIVER: Deployment = Deployment {
+    function: "WebhookFunction",
+    binary: "webhook",
+    env: &[
+        Env::Required("SHOTLABEL_BUCKET"),
+        Env::Required("SHOTLABEL_HARVEST_QUEUE_URL"),
+        Env::Required("SHOTLABEL_WEBHOOK_MODE"),
+        Env::Required("SHOTLABEL_WEBHOOK_SECRET_SECRET_ARN"),
+    ],
+    grants: &[LOGGING, RECEIVER_GRANTS],
+    variables: ReceiverSettings::variables,
+};
+
+/// The harvest queue's event source mapping polls with the function's role and deletes
+/// what the harvest did not report as failed.
+const HARVEST_QUEUE_GRANTS: &[Grant] = &[Grant::new(
+    &[SQS_RECEIVE, SQS_DELETE, SQS_ATTRIBUTES],
+    &[Resource::Queue(HARVEST_QUEUE)],
+)];
+
+/// On the harvest queue: one finished batch per message.
+pub const HARVEST_FUNCTION: Deployment = Deployment {
+    function: "HarvestFunction",
+    binary: "harvest",
+    env: &[
+        Env::Required("SHOTLABEL_BUCKET"),
+        Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
+        Env::Required("SHOTLABEL_PROVIDER_URL"),
+        Env::Required("SHOTLABEL_API_KEY_SECRET_ARN"),
+        // Must agree with the other functions'.
+        Env::Required("SHOTLABEL_INPUT_PREFIX"),
+        Env::Required("SHOTLABEL_MAX_RETRIES"),
+        Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
+    ],
+    grants: &[
+        LOGGING,
+        SEE_MISSING_KEYS,
+        PROVIDER,
+        HARVEST,
+        HARVEST_BY_MANIFEST,
+        HARVEST_QUEUE_GRANTS,
+    ],
+    variables: HarvestSettings::variables,
+};
+
+/// Every function of the template.
+pub const DEPLOYMENTS: &[Deployment] = &[ENQUEUE, SUBMIT, RECEIVER, HARVEST_FUNCTION];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A required variable that the binary does not read would be a typo in this file.
+    #[test]
+    fn every_required_variable_is_one_the_binary_reads() {
+        for deployment in DEPLOYMENTS {
+            let read = (deployment.variables)();
+            for rule in deployment.env {
+                let (Env::Required(name) | Env::RequiredIf(name, _) | Env::Unset(name)) = rule;
+                assert!(
+                    read.contains(*name),
+                    "{} requires {name}, which its settings do not read",
+                    deployment.function
+                );
+            }
+        }
+    }
+
+    /// The receiver faces the internet: it must not be able to read the provider's key or
+    /// touch the pending queue.
+    #[test]
+    fn the_receiver_holds_neither_the_provider_key_nor_the_pending_queue() {
+        let read = (RECEIVER.variables)();
+        for name in [
+            "SHOTLABEL_API_KEY",
+            "SHOTLABEL_API_KEY_SECRET_ARN",
+            "SHOTLABEL_PROVIDER_URL",
+            "SHOTLABEL_PENDING_QUEUE_URL",
+        ] {
+            assert!(!read.contains(name), "the receiver reads {name}");
+        }
+        for (_, _, resource) in RECEIVER.triples() {
+            assert_ne!(resource, Resource::Secret(crate::PROVIDER_API_KEY_SECRET));
+            assert_ne!(resource, Resource::Queue(PENDING_QUEUE));
+        }
+    }
+}
