@@ -36,6 +36,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A small PNG (24×16) that differs for each `index`, for tests that need real images.
+pub fn sample_png(index: usize) -> Result<Vec<u8>, image::ImageError> {
+    let shade = (index * 40 % 256) as u8;
+    let image = image::RgbImage::from_fn(24, 16, |x, y| {
+        image::Rgb([shade, (x * 10) as u8, (y * 15) as u8])
+    });
+    let mut png = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(png)
+}
+
 // ---------------------------------------------------------------------------------------
 // Object store
 // ---------------------------------------------------------------------------------------
@@ -167,6 +178,24 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// Stores an object and reports it as an S3 event would (`NewObject`).
+    pub fn put_new_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+    ) -> crate::enqueue::NewObject {
+        let size = body.len() as u64;
+        let etag = self.insert(bucket, key, body);
+        crate::enqueue::NewObject {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            size,
+            etag,
+            version_id: None,
+        }
+    }
+
     /// Writes an object as a test's setup would, outside the call log and fault hooks;
     /// returns its etag.
     pub fn insert(&self, bucket: &str, key: &str, body: Vec<u8>) -> String {

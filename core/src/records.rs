@@ -336,7 +336,7 @@ impl HarvestCounts {
             images_labelled: self.labelled,
             images_retried: self.retried,
             images_failed: self.failed,
-            tokens_used: self.prompt_tokens + self.completion_tokens,
+            tokens_used: self.prompt_tokens.saturating_add(self.completion_tokens),
             ..crate::metrics::Counts::default()
         }
     }

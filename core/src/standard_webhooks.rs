@@ -6,7 +6,7 @@
 //! `webhook-signature: v1,<base64> [v1,<base64> …]` (several entries while secrets
 //! rotate). The receiver checks the timestamp is within a tolerance of now, recomputes
 //! the MAC and compares it in constant time with every `v1` entry; entries of other
-//! versions are ignored. See `protocols.md`, section 2.
+//! versions are ignored, as the Standard Webhooks specification says.
 //!
 //! Everything here is pure: the caller passes the clock and a header lookup, so the
 //! webhook Lambda can run [`verify`] over the raw body before it parses anything.

@@ -477,7 +477,7 @@ fn standard_target(webhook_id: &str, payload: &Value) -> Result<Option<Target>, 
     }))
 }
 
-/// What a per-batch delivery is about. The body's shape is undocumented (protocols.md), so
+/// What a per-batch delivery is about. The provider does not document the body's shape, so
 /// nothing in it is required: the manifest name from the authenticated URL is enough for
 /// the harvest, and a batch id found in the body only saves it a lookup.
 fn per_batch_target(manifest: &str, payload: Option<&Value>) -> Target {

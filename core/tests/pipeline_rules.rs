@@ -3,7 +3,6 @@
 //! emulator, here in milliseconds, with crashes injected through the ports' fault hooks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use shotlabel_core::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_o
 use shotlabel_core::harvest::{HarvestConfig, HarvestOutcome, harvest, reconcile};
 use shotlabel_core::memory::{
     KeyMatch, MEMORY_MODEL, MemoryProvider, MemoryQueue, MemoryStore, QueueOp, REPLY_PROMPT_TOKENS,
-    Reply, StoreFault, StoreOp,
+    Reply, StoreFault, StoreOp, sample_png,
 };
 use shotlabel_core::prepare::DecodeLimits;
 use shotlabel_core::records::{
@@ -66,22 +65,8 @@ impl Pipeline {
     fn put_images(&self, names: &[&str]) -> anyhow::Result<Vec<NewObject>> {
         let mut objects = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            let shade = (i * 40 % 256) as u8;
-            let image = image::RgbImage::from_fn(24, 16, |x, y| {
-                image::Rgb([shade, (x * 10) as u8, (y * 15) as u8])
-            });
-            let mut png = Vec::new();
-            image.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
             let key = format!("{INPUT}{name}");
-            let size = png.len() as u64;
-            let etag = self.store.insert(BUCKET, &key, png);
-            objects.push(NewObject {
-                bucket: BUCKET.to_owned(),
-                key,
-                size,
-                etag,
-                version_id: None,
-            });
+            objects.push(self.store.put_new_object(BUCKET, &key, sample_png(i)?));
         }
         Ok(objects)
     }
@@ -948,16 +933,9 @@ async fn a_store_error_at_each_terminal_record_step_still_leaves_one_record_per_
 async fn a_store_error_writing_a_refusal_leaves_it_to_the_retry() -> anyhow::Result<()> {
     let p = Pipeline::new()?;
     // An empty object is refused at enqueue.
-    let etag = p
+    let empty = p
         .store
-        .insert(BUCKET, &format!("{INPUT}empty.png"), Vec::new());
-    let empty = NewObject {
-        bucket: BUCKET.into(),
-        key: format!("{INPUT}empty.png"),
-        size: 0,
-        etag,
-        version_id: None,
-    };
+        .put_new_object(BUCKET, &format!("{INPUT}empty.png"), Vec::new());
     p.store.fail_once_under(StoreOp::Put, "failed/");
     assert!(p.enqueue(vec![empty.clone()]).await.is_err());
     assert!(p.store.keys(BUCKET, "failed/").is_empty());
@@ -967,18 +945,11 @@ async fn a_store_error_writing_a_refusal_leaves_it_to_the_retry() -> anyhow::Res
     assert_eq!(record.reasons[0].stage, Stage::Enqueue);
 
     // Bytes that are no image are refused at submit; the message stays until written.
-    let etag = p.store.insert(
+    let junk = p.store.put_new_object(
         BUCKET,
         &format!("{INPUT}junk.png"),
         b"not an image".to_vec(),
     );
-    let junk = NewObject {
-        bucket: BUCKET.into(),
-        key: format!("{INPUT}junk.png"),
-        size: 12,
-        etag,
-        version_id: None,
-    };
     p.enqueue(vec![junk]).await?;
     p.store.fail_once_under(StoreOp::Put, "failed/");
     let first = p.submit().await?;

@@ -6,7 +6,7 @@
 //! (`shotlabel_core::settings`, [`Deployment::variables`]); which of them a deployment must
 //! set, and the access each function's code uses, are declared in `functions.rs`, beside
 //! the shared flows several functions run (a harvest, the provider's client) declared here.
-//! `tests/tests/template.rs` holds `template.yaml` to these declarations: every variable a
+//! `tests/tests/integration/template.rs` holds `template.yaml` to these declarations: every variable a
 //! function is given is one its code reads, every required one is given, and each
 //! function's IAM statements grant exactly the access listed for it, nothing more.
 //!

@@ -3,7 +3,7 @@
 //! Each function takes the fuzzer's bytes, runs the production code on them the way the
 //! pipeline does, and checks what must hold whatever the input; a panic is the fuzzer's
 //! "crash". The targets in `fuzz_targets/` are one line each around these functions, and
-//! the workspace test `tests/tests/fuzz_corpus.rs` includes this file (`#[path]`) to replay
+//! the workspace test `tests/tests/integration/fuzz_corpus.rs` includes this file (`#[path]`) to replay
 //! every committed corpus and regression input through the same code without cargo-fuzz.
 //! So this file only uses crates that test has too: `shotlabel-core` (with its `memory`
 //! feature), `enqueue`, `aws_lambda_events`, `serde_json` and `tokio`.

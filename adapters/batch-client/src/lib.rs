@@ -463,12 +463,27 @@ mod tests {
             max_backoff: Duration::from_millis(1000),
             max_retry_after: Duration::from_secs(5),
         };
+        let mut largest_seen = Vec::new();
         for retry in 1..=12 {
-            for _ in 0..50 {
-                let cap = (100u64 << (retry - 1).min(20)).min(1000);
-                assert!(policy.backoff(retry) <= Duration::from_millis(cap));
-            }
+            let cap = Duration::from_millis((100u64 << (retry - 1).min(20)).min(1000));
+            let draws: Vec<Duration> = (0..200).map(|_| policy.backoff(retry)).collect();
+            assert!(
+                draws.iter().all(|d| *d <= cap),
+                "retry {retry} over {cap:?}"
+            );
+            // Full jitter is uniform in [0, cap]: of 200 draws one falls in the top half
+            // but with probability 2^-200.
+            let largest = draws.into_iter().max().unwrap_or_default();
+            assert!(
+                largest > cap / 2,
+                "retry {retry}: at most {largest:?} of {cap:?}"
+            );
+            largest_seen.push(largest);
         }
+        // It grows: the third retry waits longer than the first may (100 ms → 400 ms), and
+        // from the fifth on it stays at the 1 s ceiling.
+        assert!(largest_seen[2] > Duration::from_millis(100));
+        assert!(largest_seen[11] > Duration::from_millis(500));
     }
 
     #[test]

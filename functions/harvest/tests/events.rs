@@ -3,7 +3,6 @@
 //! failures, a record without an id fails the invocation, and a finished batch is
 //! harvested and not reported.
 
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +11,9 @@ use anyhow::{Context, bail, ensure};
 use aws_lambda_events::event::sqs::SqsEvent;
 use harvest::{Handler, handle};
 use serde_json::{Value, json};
-use shotlabel_core::enqueue::{EnqueueConfig, NewObject, enqueue_objects};
+use shotlabel_core::enqueue::{EnqueueConfig, enqueue_objects};
 use shotlabel_core::harvest::HarvestConfig;
-use shotlabel_core::memory::{MemoryProvider, MemoryQueue, MemoryStore, ProviderOp};
+use shotlabel_core::memory::{MemoryProvider, MemoryQueue, MemoryStore, ProviderOp, sample_png};
 use shotlabel_core::prepare::DecodeLimits;
 use shotlabel_core::records::{LabelRecord, Layout, RecordStatus, TaskRef};
 use shotlabel_core::request::BatchLimits;
@@ -113,22 +112,8 @@ async fn completed_batch(h: &MemoryHandler, names: &[&str]) -> anyhow::Result<St
     let task = &h.harvest.task;
     let mut objects = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let shade = (i * 40 % 256) as u8;
-        let image = image::RgbImage::from_fn(24, 16, |x, y| {
-            image::Rgb([shade, (x * 10) as u8, (y * 15) as u8])
-        });
-        let mut png = Vec::new();
-        image.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
         let key = format!("{INPUT}{name}");
-        let size = png.len() as u64;
-        let etag = h.store.insert(BUCKET, &key, png);
-        objects.push(NewObject {
-            bucket: BUCKET.into(),
-            key,
-            size,
-            etag,
-            version_id: None,
-        });
+        objects.push(h.store.put_new_object(BUCKET, &key, sample_png(i)?));
     }
     let enqueue = EnqueueConfig {
         layout: Layout::new(INPUT),

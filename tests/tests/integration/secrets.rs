@@ -1,12 +1,10 @@
 //! Secrets come from Secrets Manager when `<NAME>_SECRET_ARN` is set (on AWS), from the
 //! variable itself otherwise; errors never contain them.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::common::*;
 use batch_emulator::FaultSettings;
-use common::*;
 use shotlabel_aws::{batch_client_from_env, required_secret, secret_setting};
 use shotlabel_core::ExposeSecret;
 

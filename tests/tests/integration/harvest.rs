@@ -2,14 +2,12 @@
 //! provenance, duplicates recognised, retries up to the limit, expired batches, and a
 //! harvest repeated after a crash.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::common::*;
 use batch_emulator::{EMULATOR_MODEL, FaultSettings};
-use common::*;
 use shotlabel_aws::S3Store;
 use shotlabel_core::harvest::{HarvestOutcome, harvest, reconcile};
 use shotlabel_core::ports::{ObjectInfo, ObjectStore, StoreError, StoredObject, WriteCondition};

@@ -7,7 +7,7 @@
 //! target; a few named inputs also have their outcome checked, so that a target that
 //! silently stopped reaching the code it is meant to fuzz fails here.
 
-#[path = "../../fuzz/src/lib.rs"]
+#[path = "../../../fuzz/src/lib.rs"]
 #[allow(dead_code)]
 mod fuzz_entry;
 

@@ -1,14 +1,12 @@
 //! The submitter against moto and the batch emulator: fixture screenshots into batches,
 //! splitting, awkward inputs, a crash before messages are deleted, provider errors.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use batch_emulator::FaultSettings;
-use common::*;
 use shotlabel_batch_client::BatchClient;
 use shotlabel_core::batch_api::BatchStatus;
 use shotlabel_core::ports::{OutgoingMessage, Queue, QueueError, ReceivedMessage};

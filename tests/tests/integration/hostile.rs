@@ -2,9 +2,7 @@
 //! 100 MB body and a flood of forged requests at the webhook, task schemas a provider
 //! would reject, and a provider that answers garbage.
 //!
-//! Run: `cargo test -p shotlabel-integration --test hostile -- --nocapture`
-
-mod common;
+//! Run: `cargo test -p shotlabel-integration --test integration hostile:: -- --nocapture`
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -12,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use aws_sdk_s3::primitives::ByteStream;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Request, State};
@@ -19,7 +18,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::*;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use shotlabel_batch_client::{BatchApiConfig, BatchClient};

@@ -2,14 +2,12 @@
 //! package (from the project's `.venv`): accepted when genuine, 401 when stale, bare or
 //! forged, and a replay of an accepted delivery queues nothing.
 
-mod common;
-
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use shotlabel_core::records::unix_now;
 use shotlabel_core::standard_webhooks::WebhookSecrets;
 use shotlabel_core::webhook::{WebhookConfig, WebhookRequest, receive};

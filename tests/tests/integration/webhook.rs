@@ -4,20 +4,18 @@
 //! get 401 and queue nothing; and a submitted batch goes from the provider's callback
 //! through the harvest queue to labels.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use batch_emulator::{EmulatorConfig, FaultSettings, RunningEmulator};
-use common::*;
 use secrecy::SecretString;
 use shotlabel_aws::{S3Store, SqsQueue};
 use shotlabel_batch_client::BatchClient;
