@@ -241,6 +241,16 @@ fn answer_for(custom_id: &str) -> Value {
     json!({ "landing_page": sum.is_multiple_of(2), "aesthetic": sum % 5 + 1 })
 }
 
+/// A provider's batch-level error for a rejected input file.
+fn file_error(code: &str, message: &str) -> Vec<BatchError> {
+    vec![BatchError {
+        code: Some(code.into()),
+        message: Some(message.into()),
+        param: None,
+        line: None,
+    }]
+}
+
 /// How many manifests each image key appears in.
 fn appearances(manifests: &[Manifest]) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
@@ -805,12 +815,7 @@ async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyh
     let too_large = p.submit_one().await?;
     p.provider.fail(
         &too_large,
-        vec![BatchError {
-            code: Some("file_too_large".into()),
-            message: Some("the file is over the limit".into()),
-            param: None,
-            line: None,
-        }],
+        file_error("file_too_large", "the file is over the limit"),
     )?;
     let counts = p.harvest_counts(&too_large).await?;
     assert_eq!((counts.retried, counts.failed), (2, 0));
@@ -878,12 +883,7 @@ async fn a_store_error_at_each_terminal_record_step_still_leaves_one_record_per_
                 let answered_batch = p.submit_one().await?;
                 p.provider.fail(
                     &failed_batch,
-                    vec![BatchError {
-                        code: Some("invalid_request".into()),
-                        message: Some("the file was rejected".into()),
-                        param: None,
-                        line: None,
-                    }],
+                    file_error("invalid_request", "the file was rejected"),
                 )?;
                 p.provider.complete(&answered_batch, answer_for)?;
 
