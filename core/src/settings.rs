@@ -68,13 +68,13 @@ pub trait FunctionSettings: Parser {
     ) -> Result<Self, SettingsError> {
         // Only the given variables count, never the process's: each becomes the argument
         // bound to it, and no argument reads the environment itself.
-        let command = Self::command().mut_args(|arg| arg.env(None));
+        let command = Self::command();
         let mut args = vec!["shotlabel".to_owned()];
         for (name, value) in vars {
             if value.trim().is_empty() {
                 continue;
             }
-            let long = Self::command()
+            let long = command
                 .get_arguments()
                 .find(|a| a.get_env().is_some_and(|env| env == name))
                 .and_then(|a| a.get_long().map(str::to_owned))
@@ -82,6 +82,7 @@ pub trait FunctionSettings: Parser {
             args.push(format!("--{long}={value}"));
         }
         let matches = command
+            .mut_args(|arg| arg.env(None))
             .try_get_matches_from(args)
             .map_err(|e| settings_error::<Self>(&e))?;
         Self::from_arg_matches(&matches).map_err(|e| settings_error::<Self>(&e))

@@ -152,7 +152,7 @@ mod tests {
         for deployment in DEPLOYMENTS {
             let read = (deployment.variables)();
             for rule in deployment.env {
-                let (Env::Required(name) | Env::RequiredIf(name, _) | Env::Unset(name)) = rule;
+                let (Env::Required(name) | Env::RequiredIf(name, _)) = rule;
                 assert!(
                     read.contains(*name),
                     "{} requires {name}, which its settings do not read",

@@ -111,8 +111,6 @@ pub enum Env {
     Required(&'static str),
     /// Must be set exactly when the template condition holds.
     RequiredIf(&'static str, &'static str),
-    /// Must not be set in this deployment (it would ask for access the deployment lacks).
-    Unset(&'static str),
 }
 
 /// One function of `template.yaml`: which binary it runs, what it must be given, and the

@@ -9,7 +9,7 @@
 //!   folder, on `provided.al2023`.
 //! - **Environment.** Every variable a function is given is one its code reads. Every
 //!   `Env::Required` variable is given unconditionally, every `Env::RequiredIf` one exactly
-//!   under its condition, no `Env::Unset` one at all. Optional variables (code defaults)
+//!   under its condition. Optional variables (code defaults)
 //!   need not be given. A secret's value is never given, only `<NAME>_SECRET_ARN`, which
 //!   must name a secret of the template that the function may read. A variable given to
 //!   several functions has the same value in each (the task version, the input prefix and
@@ -501,7 +501,6 @@ fn each_function_is_given_what_its_code_reads_and_nothing_else() {
                     matches!(env.get(name), Some((Some(c), _)) if c == condition),
                     "{id} must be given {name} exactly when {condition}"
                 ),
-                Env::Unset(name) => assert!(!env.contains_key(name), "{id} must not get {name}"),
             }
         }
     }
