@@ -127,9 +127,9 @@ fuzz: $(CARGO_FUZZ_STAMP)
 	    fuzz/target/corpus/$$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS); \
 	done
 
-# Benchmarks (docs/benchmarks.md): a release build of the CLI and the bench binary, then
-# each figure's command. `make bench` runs them all: about a quarter of an hour on 2 cores, most of
-# it moto serving the submit-memory, harvest and e2e runs.
+# Benchmarks (docs/benchmarks.md, docs/scale.md): a release build of the CLI and the bench
+# binary, then each figure's command. `make bench` runs them all: about half an hour on 2 cores,
+# most of it moto serving the submit-memory, harvest, e2e and scale-submit runs.
 BENCH := $(TARGET_DIR)/release/shotlabel-bench
 .PHONY: bench bench-build
 bench-build:
@@ -143,3 +143,5 @@ bench: $(VENV_STAMP) bench-build
 	$(BENCH) submit-memory --images 5000
 	$(BENCH) harvest --lines 50000
 	$(BENCH) e2e --images 1000
+	$(BENCH) scale-submit --workers 1,2 --repeats 3
+	$(BENCH) scale-submit --workers 1,2 --repeats 3 --submit-every-ms 25000

@@ -27,7 +27,7 @@ use crate::common::{header, load, median, mib, peak_rss_kib};
 use crate::stack::{INPUT, Stack};
 
 const SUBMISSION: &str = "sbench";
-const BATCH_ID: &str = "batch_bench";
+pub(crate) const BATCH_ID: &str = "batch_bench";
 const OUTPUT_FILE: &str = "file-bench-output";
 
 #[derive(Debug, clap::Args)]
@@ -135,7 +135,7 @@ fn output_line(i: usize, custom_id: &str, rng: &mut Lcg) -> String {
 }
 
 /// The manifest and the output file (in the provider's shuffled order) for `n` images.
-fn synthesize(n: usize, bucket: &str, task: &Task) -> (Manifest, Vec<String>) {
+pub(crate) fn synthesize(n: usize, bucket: &str, task: &Task) -> (Manifest, Vec<String>) {
     let mut rng = Lcg(42);
     let mut items = BTreeMap::new();
     let mut lines = Vec::with_capacity(n);
@@ -151,6 +151,7 @@ fn synthesize(n: usize, bucket: &str, task: &Task) -> (Manifest, Vec<String>) {
                 version_id: None,
                 attempt: 0,
                 reasons: Vec::new(),
+                requeues: 0,
                 replace_label: None,
             },
         );
@@ -171,6 +172,7 @@ fn synthesize(n: usize, bucket: &str, task: &Task) -> (Manifest, Vec<String>) {
         model: task.model().to_owned(),
         created_at: unix_now(),
         items,
+        slot: None,
     };
     (manifest, lines)
 }
@@ -282,9 +284,9 @@ pub async fn harvest_bench(args: &HarvestArgs) -> anyhow::Result<()> {
 }
 
 /// A provider whose one batch is finished and whose output file is on local disk.
-struct LocalFileProvider {
-    manifest: String,
-    output: PathBuf,
+pub(crate) struct LocalFileProvider {
+    pub(crate) manifest: String,
+    pub(crate) output: PathBuf,
 }
 
 impl BatchProvider for LocalFileProvider {
@@ -343,11 +345,14 @@ pub async fn harvest_child(args: &HarvestChildArgs) -> anyhow::Result<()> {
         pending_queue_url: args.pending_queue_url.clone(),
         task: Arc::new(Task::default_task()?),
         max_retries: 3,
+        max_requeues: 10,
+        shards: None,
     };
     let request = HarvestRequest {
         batch_id: Some(BATCH_ID.to_owned()),
         manifest: None,
         origin: "bench".into(),
+        shard: None,
     };
     let started = Instant::now();
     let outcome = harvest(&store, &queue, &provider, &config, &request).await?;

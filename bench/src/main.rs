@@ -1,4 +1,4 @@
-//! `shotlabel-bench`: the benchmarks behind docs/benchmarks.md. Each subcommand prints
+//! `shotlabel-bench`: the benchmarks behind docs/benchmarks.md and docs/scale.md. Each subcommand prints
 //! its figures as Markdown table rows, with the machine and its load.
 //!
 //! Run them from a release build:
@@ -9,6 +9,8 @@ mod common;
 mod e2e;
 mod harvest;
 mod prep;
+mod scale;
+mod scale_harvest;
 mod stack;
 mod submit;
 
@@ -43,6 +45,11 @@ enum Command {
     /// N screenshots through the whole local pipeline, upload to labels, with where the
     /// time goes.
     E2e(e2e::E2eArgs),
+    /// N generated images through the local pipeline with 1, 2, … submit workers: images/s,
+    /// images per worker-second, requests per image by kind, busy seconds per function.
+    ScaleSubmit(scale::ScaleSubmitArgs),
+    /// One batch of N answers harvested whole, then by 2 and 4 shards at once (moto).
+    ScaleHarvest(scale_harvest::ScaleHarvestArgs),
     /// The submitter run `submit-memory` measures (internal).
     #[command(hide = true)]
     SubmitChild(submit::SubmitChildArgs),
@@ -69,6 +76,8 @@ fn main() -> ExitCode {
                         Command::Harvest(args) => harvest::harvest_bench(args).await,
                         Command::HarvestChild(args) => harvest::harvest_child(args).await,
                         Command::E2e(args) => e2e::e2e(args).await,
+                        Command::ScaleSubmit(args) => scale::scale_submit(args).await,
+                        Command::ScaleHarvest(args) => scale_harvest::scale_harvest(args).await,
                         _ => Ok(()),
                     }
                 })

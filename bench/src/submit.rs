@@ -172,6 +172,9 @@ pub async fn submit_child(args: &SubmitChildArgs) -> anyhow::Result<()> {
         work_dir: args.work_dir.clone(),
         completion_window: "24h".into(),
         per_batch_webhook: None,
+        provider_limits: Default::default(),
+        slot_lease: std::time::Duration::from_secs(900),
+        max_requeues: 10,
     };
     let rss_start_kib = rss_kib();
     // Sample RSS every 50 ms, to show whether it climbs as the run goes on.

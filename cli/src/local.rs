@@ -15,6 +15,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use indicatif::{ProgressBar, ProgressStyle};
 use secrecy::SecretString;
 use serde_json::Value;
+use shotlabel_core::metered::RequestSnapshot;
 use shotlabel_core::ports::ObjectStore;
 use shotlabel_core::records::{BatchRecord, FailedRecord, LabelRecord, Layout};
 use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions, ProviderChoice};
@@ -172,9 +173,15 @@ async fn run_local(args: LocalArgs<'_>) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     done.finish();
+    // Taken now: the scheduled runs go on polling while the summary is read.
+    let usage = Usage {
+        requests: pipeline.request_counts(),
+        busy: pipeline.stats.busy.rows(),
+    };
 
     let summary = Summary::gather(&pipeline, &layout, &keys).await?;
     summary.print(started.elapsed());
+    usage.print(keys.len());
     if let Some(path) = args.report {
         crate::report::write_report(
             &pipeline.store(),
@@ -325,5 +332,32 @@ impl Summary {
             println!("  failed {}: {reason}", record.source.key);
         }
         println!("  elapsed:         {:.1} s", elapsed.as_secs_f64());
+    }
+}
+
+/// What the run cost in requests and handler time (`docs/scale.md` prices them).
+struct Usage {
+    requests: RequestSnapshot,
+    busy: [(&'static str, u64, Duration); 5],
+}
+
+impl Usage {
+    fn print(&self, images: usize) {
+        let per_image = |n: u64| n as f64 / images.max(1) as f64;
+        let requests: Vec<String> = self
+            .requests
+            .rows()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(kind, n)| format!("{kind} {:.2}", per_image(*n)))
+            .collect();
+        println!("  requests/image:  {}", requests.join(", "));
+        let busy: Vec<String> = self
+            .busy
+            .iter()
+            .filter(|(_, runs, _)| *runs > 0)
+            .map(|(function, runs, busy)| format!("{function} {:.1} s/{runs}", busy.as_secs_f64()))
+            .collect();
+        println!("  busy (s/runs):   {}", busy.join(", "));
     }
 }

@@ -574,6 +574,7 @@ pub struct Lister<'a> {
     aws: &'a Aws,
     bucket: String,
     prefix: String,
+    start_after: Option<String>,
     token: Option<String>,
     done: bool,
 }
@@ -584,9 +585,17 @@ impl<'a> Lister<'a> {
             aws,
             bucket: bucket.to_owned(),
             prefix: prefix.to_owned(),
+            start_after: None,
             token: None,
             done: false,
         }
+    }
+
+    /// Lists only keys after `key` (in S3's UTF-8 byte order), so a listing can start in
+    /// the middle of a prefix: how a backfill lists parts of one prefix in parallel.
+    pub fn start_after(mut self, key: Option<String>) -> Self {
+        self.start_after = key;
+        self
     }
 
     /// The next page, or `None` after the last.
@@ -600,6 +609,8 @@ impl<'a> Lister<'a> {
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&self.prefix)
+            // Only the first request: the continuation token carries the position after it.
+            .set_start_after(self.start_after.take())
             .set_continuation_token(self.token.take())
             // Keys URL-encoded: one key with a character XML cannot carry (ESC, most
             // control characters) would otherwise break the whole listing.

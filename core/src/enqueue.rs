@@ -110,6 +110,7 @@ pub async fn enqueue_objects<S: ObjectStore, Q: Queue>(
             version_id: object.version_id,
             attempt: 0,
             reasons: Vec::new(),
+            requeues: 0,
             replace_label,
         });
     }

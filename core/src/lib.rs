@@ -7,12 +7,15 @@
 //! See `ARCHITECTURE.md` at the repository root for the bird's-eye view.
 
 pub mod answer;
+pub mod backpressure;
 pub mod batch_api;
 pub mod batch_token;
+pub mod dispatch;
 pub mod enqueue;
 pub mod harvest;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;
+pub mod metered;
 pub mod metrics;
 pub mod ports;
 pub mod prepare;

@@ -25,7 +25,7 @@ use crate::batch_api::{
 };
 use crate::ports::{
     BatchProvider, LineReader, MAX_BATCH_MESSAGES, ObjectInfo, ObjectStore, OutgoingMessage, Queue,
-    QueueError, ReceivedMessage, StoreError, StoredObject, WriteCondition,
+    QueueDepth, QueueError, ReceivedMessage, StoreError, StoredObject, WriteCondition,
 };
 use crate::records::{MAX_KEY_BYTES, unix_now};
 use crate::request::CHAT_COMPLETIONS;
@@ -669,6 +669,17 @@ impl Queue for MemoryQueue {
                 () = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+
+    async fn depth(&self, queue_url: &str) -> Result<QueueDepth, QueueError> {
+        let now = Instant::now();
+        let state = lock(&self.state);
+        let messages = state.queues.get(queue_url).map_or(&[][..], Vec::as_slice);
+        let visible = messages.iter().filter(|m| m.visible(now)).count() as u64;
+        Ok(QueueDepth {
+            visible,
+            in_flight: messages.len() as u64 - visible,
+        })
     }
 
     async fn delete_batch(

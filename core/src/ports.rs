@@ -75,6 +75,41 @@ pub trait ObjectStore: Send + Sync {
         key: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Bytes `start..end` of an object (a ranged GET). The default reads the whole
+    /// object; stores that can ask for a range do.
+    fn get_range(
+        &self,
+        bucket: &str,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, StoreError>> + Send {
+        async move {
+            let object = self.get(bucket, key).await?;
+            let len = object.body.len() as u64;
+            let (start, end) = (start.min(len) as usize, end.min(len) as usize);
+            Ok(object.body[start..end.max(start)].to_vec())
+        }
+    }
+
+    /// Writes a file's content as an object, overwriting (a streamed PUT where the store
+    /// can stream). The default reads the file into memory.
+    fn put_file(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &Path,
+        content_type: &str,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send {
+        async move {
+            let body = tokio::fs::read(path)
+                .await
+                .map_err(|e| StoreError::Other(format!("reading {}: {e}", path.display())))?;
+            self.put(bucket, key, body, content_type, WriteCondition::Overwrite)
+                .await
+        }
+    }
+
     /// Every key under `prefix`, in key order.
     fn list(
         &self,
@@ -106,6 +141,15 @@ pub enum QueueError {
     Other(String),
 }
 
+/// How many messages a queue holds, by SQS's approximate counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Waiting to be received (`ApproximateNumberOfMessages`).
+    pub visible: u64,
+    /// Received and not yet deleted (`ApproximateNumberOfMessagesNotVisible`).
+    pub in_flight: u64,
+}
+
 /// The most messages one batch call may carry (SQS's limit).
 pub const MAX_BATCH_MESSAGES: usize = 10;
 
@@ -133,6 +177,20 @@ pub trait Queue: Send + Sync {
         queue_url: &str,
         receipt_handles: &[String],
     ) -> impl Future<Output = Result<Vec<String>, QueueError>> + Send;
+
+    /// The queue's approximate depth (one `GetQueueAttributes` call). Queues that cannot
+    /// tell say so; the dispatcher then starts no workers.
+    fn depth(
+        &self,
+        queue_url: &str,
+    ) -> impl Future<Output = Result<QueueDepth, QueueError>> + Send {
+        let queue_url = queue_url.to_owned();
+        async move {
+            Err(QueueError::Other(format!(
+                "{queue_url}: this queue cannot report its depth"
+            )))
+        }
+    }
 }
 
 /// A provider's output or error file, read line by line.

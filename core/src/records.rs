@@ -17,6 +17,11 @@ pub struct PendingItem {
     /// Why earlier attempts failed, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<AttemptReason>,
+    /// Times the item went round again because of its batch or the provider (expired,
+    /// cancelled, refused for capacity), not its own answer; bounded separately and more
+    /// loosely than `attempt`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requeues: u32,
     /// For a forced relabel: the etag of the label this item may replace. Without it, an
     /// existing label for the same content and task version wins (see ARCHITECTURE.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,10 +51,27 @@ impl PendingItem {
         next
     }
 
+    /// The same image sent again after a failure of its batch, not of its answer: the
+    /// reason is kept, the attempt is not spent.
+    pub fn requeued(&self, reason: String) -> Self {
+        let mut next = self.clone();
+        next.reasons.push(AttemptReason {
+            attempt: self.attempt,
+            stage: Stage::Batch,
+            reason,
+        });
+        next.requeues += 1;
+        next
+    }
+
     /// Identifies the content being labelled, whatever message or batch carries it.
     pub fn content_key(&self) -> (&str, &str, &str) {
         (&self.bucket, &self.key, &self.etag)
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Why one attempt at an image failed.
@@ -72,6 +94,8 @@ pub enum Stage {
     Provider,
     /// An answer arrived but is not a usable label.
     Validate,
+    /// The batch or the provider failed, not this image (expired, cancelled, capacity).
+    Batch,
 }
 
 impl Stage {
@@ -81,6 +105,7 @@ impl Stage {
             Self::Prepare => "prepare",
             Self::Provider => "provider",
             Self::Validate => "validate",
+            Self::Batch => "batch",
         }
     }
 }
@@ -251,6 +276,16 @@ pub mod state_keys {
 
     pub const OPEN_PREFIX: &str = "state/open/";
 
+    pub const SLOTS_PREFIX: &str = "state/slots/";
+
+    /// One open-batch slot (provider backpressure, `crate::backpressure`).
+    pub fn slot(index: u32) -> String {
+        format!("{SLOTS_PREFIX}{index}")
+    }
+
+    /// When the latest batch file was uploaded, shared by every submit worker.
+    pub const UPLOAD_CLOCK: &str = "state/provider/upload-clock";
+
     /// An empty marker present while a batch is open; reconciliation lists these.
     pub fn open_marker(batch_id: &str) -> String {
         format!("{OPEN_PREFIX}{}", safe_segment(batch_id))
@@ -263,6 +298,41 @@ pub mod state_keys {
             .decode_utf8()
             .ok()
             .map(|s| s.into_owned())
+    }
+
+    /// A sharded harvest's plan: the batch's files copied into the bucket and the
+    /// line-aligned byte range each shard takes.
+    pub fn shard_plan(batch_id: &str) -> String {
+        format!("state/shards/{}/plan.json", safe_segment(batch_id))
+    }
+
+    /// Where a sharded harvest's done markers are.
+    pub fn shard_done_prefix(batch_id: &str) -> String {
+        format!("state/shards/{}/done-", safe_segment(batch_id))
+    }
+
+    /// One shard's done marker: its counts and the requests it saw.
+    pub fn shard_done(batch_id: &str, shard: u32) -> String {
+        format!("{}{shard:05}.json", shard_done_prefix(batch_id))
+    }
+
+    /// A provider file of a sharded batch, copied once into the bucket.
+    pub fn batch_file_copy(batch_id: &str, file: usize) -> String {
+        format!("state/outputs/{}/{file}.jsonl", safe_segment(batch_id))
+    }
+
+    /// The retries one shard decided (the batch's own key is for what the last shard
+    /// settles).
+    pub fn shard_retries(batch_id: &str, shard: u32) -> String {
+        format!(
+            "state/retries/{}-shard-{shard:05}.json",
+            safe_segment(batch_id)
+        )
+    }
+
+    /// One shard's result lines.
+    pub fn shard_results(batch_id: &str, shard: u32) -> String {
+        format!("results/{}/shard-{shard:05}.jsonl", safe_segment(batch_id))
     }
 
     /// One JSONL of a batch's results.
@@ -294,6 +364,10 @@ pub struct Manifest {
     pub created_at: u64,
     /// custom_id → the image it asks about.
     pub items: std::collections::BTreeMap<String, PendingItem>,
+    /// The open-batch slot the batch holds until it is harvested, when the provider's
+    /// limits are set (`crate::backpressure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
 }
 
 /// Where a batch is in shotlabel's eyes.
@@ -376,6 +450,9 @@ pub struct HarvestRequest {
     /// What asked for it: `webhook`, `reconcile`, an operator.
     #[serde(default)]
     pub origin: String,
+    /// One shard of a sharded harvest (`crate::harvest::shards`); `None`: the whole batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
 }
 
 /// Where a label came from.

@@ -22,6 +22,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, CommandFactory, Parser, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::backpressure::ProviderLimits;
 use crate::enqueue::EnqueueConfig;
 use crate::harvest::HarvestConfig;
 use crate::prepare::DecodeLimits;
@@ -250,6 +251,21 @@ pub struct HarvestArgs {
     /// attempts per image before it becomes a failed record
     #[arg(long, env = "SHOTLABEL_MAX_RETRIES", default_value_t = 3)]
     pub max_retries: u32,
+    /// times an image may go round again because its batch failed (expired, cancelled,
+    /// refused for capacity), apart from its retries
+    #[arg(long, env = "SHOTLABEL_MAX_REQUEUES", default_value_t = 10)]
+    pub max_requeues: u32,
+    /// the harvest queue: when set, batches of more than SHOTLABEL_HARVEST_SHARD_REQUESTS
+    /// requests are harvested in shards, one harvest-queue message each
+    #[arg(long, env = "SHOTLABEL_HARVEST_QUEUE_URL")]
+    pub harvest_queue_url: Option<String>,
+    /// requests per harvest shard
+    #[arg(
+        long,
+        env = "SHOTLABEL_HARVEST_SHARD_REQUESTS",
+        default_value_t = 10_000
+    )]
+    pub harvest_shard_requests: usize,
     #[command(flatten)]
     pub task: TaskSettings,
 }
@@ -262,6 +278,14 @@ impl HarvestArgs {
             pending_queue_url: self.pending_queue_url.clone(),
             task: Arc::new(self.task.load_task()?),
             max_retries: self.max_retries,
+            max_requeues: self.max_requeues,
+            shards: self
+                .harvest_queue_url
+                .clone()
+                .map(|queue_url| crate::harvest::ShardConfig {
+                    queue_url,
+                    requests_per_shard: self.harvest_shard_requests.max(1),
+                }),
         })
     }
 }
@@ -352,8 +376,53 @@ pub struct SubmitSettings {
     /// open batches younger than this many seconds are left to their webhook
     #[arg(long, env = "SHOTLABEL_RECONCILE_MIN_AGE_SECONDS", default_value_t = 0)]
     pub reconcile_min_age_seconds: u64,
+    /// the work queue: when set, a scheduled run starts workers through it instead of
+    /// submitting itself
+    #[arg(long, env = "SHOTLABEL_SUBMIT_WORK_QUEUE_URL")]
+    pub submit_work_queue_url: Option<String>,
+    /// the most submit workers at once
+    #[arg(long, env = "SHOTLABEL_MAX_SUBMIT_WORKERS", default_value_t = 10)]
+    pub max_submit_workers: usize,
+    #[command(flatten)]
+    pub provider_limits: ProviderLimitSettings,
     #[command(flatten)]
     pub s3: S3Settings,
+}
+
+/// What the provider takes at once (0: no limit).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProviderLimitSettings {
+    /// the most batches open at the provider at once (0: no limit)
+    #[arg(long, env = "SHOTLABEL_MAX_OPEN_BATCHES", default_value_t = 0)]
+    pub max_open_batches: u32,
+    /// the most requests in open batches at once (0: no limit)
+    #[arg(long, env = "SHOTLABEL_MAX_ENQUEUED_REQUESTS", default_value_t = 0)]
+    pub max_enqueued_requests: u64,
+    /// the shortest time between two batch file uploads, in seconds (0: none)
+    #[arg(long, env = "SHOTLABEL_UPLOAD_INTERVAL_SECONDS", default_value_t = 0.0)]
+    pub upload_interval_seconds: f64,
+    /// seconds a slot claimed by a crashed worker stays held before it is taken over
+    #[arg(long, env = "SHOTLABEL_SLOT_LEASE_SECONDS", default_value_t = 900)]
+    pub slot_lease_seconds: u64,
+}
+
+impl ProviderLimitSettings {
+    pub fn limits(&self) -> Result<ProviderLimits, SettingsError> {
+        let interval = Duration::try_from_secs_f64(self.upload_interval_seconds).map_err(|_| {
+            SettingsError::Invalid {
+                name: "SHOTLABEL_UPLOAD_INTERVAL_SECONDS".into(),
+                value: self.upload_interval_seconds.to_string(),
+                what: "a number of seconds, 0 or more".into(),
+            }
+        })?;
+        Ok(ProviderLimits {
+            max_open_batches: self.max_open_batches,
+            max_enqueued_requests: self.max_enqueued_requests,
+            upload_interval: interval,
+            // Each look at the slots is a few S3 requests per slot.
+            poll_interval: Duration::from_secs(2),
+        })
+    }
 }
 
 impl SubmitSettings {
@@ -401,6 +470,20 @@ impl SubmitSettings {
             work_dir: self.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             completion_window: self.completion_window.clone(),
             per_batch_webhook,
+            provider_limits: self.provider_limits.limits()?,
+            slot_lease: Duration::from_secs(self.provider_limits.slot_lease_seconds),
+            max_requeues: self.harvest.max_requeues,
+        })
+    }
+
+    /// The fan-out, when a work queue is set.
+    pub fn dispatch(&self) -> Option<crate::dispatch::DispatchConfig> {
+        let work_queue_url = self.submit_work_queue_url.clone()?;
+        Some(crate::dispatch::DispatchConfig {
+            pending_queue_url: self.harvest.pending_queue_url.clone(),
+            work_queue_url,
+            max_workers: self.max_submit_workers,
+            images_per_worker: self.max_batch_requests,
         })
     }
 

@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use url::Url;
 
+use crate::backpressure::{HeldSlot, ProviderLimits, claim_slot, release_slot, take_upload_turn};
 use crate::batch_api::CreateBatchRequest;
 use crate::batch_token;
 use crate::ports::{
@@ -31,7 +32,7 @@ use crate::records::{
 };
 use crate::request::{BatchFile, BatchFileWriter, BatchLimits, RequestFileError, custom_id};
 use crate::task::Task;
-use crate::terminal::{FailedWrite, TerminalRecords};
+use crate::terminal::{FailedWrite, TerminalRecords, send_pending};
 
 /// Batch metadata keys the submitter sets; harvest reads them back.
 pub const METADATA_MANIFEST: &str = "shotlabel_manifest";
@@ -69,6 +70,15 @@ pub struct SubmitConfig {
     pub work_dir: PathBuf,
     pub completion_window: String,
     pub per_batch_webhook: Option<PerBatchWebhook>,
+    /// What the provider takes at once, shared by every worker through the bucket.
+    pub provider_limits: ProviderLimits,
+    /// How long a slot claim with no batch yet may stand before another worker takes it
+    /// over: it covers a run's drain (claimed ahead) or one file's upload and create
+    /// (re-pointed at its manifest). A worker that crashed holds its slot this long.
+    pub slot_lease: Duration,
+    /// How often an image may be sent back because its batch could not be created
+    /// (the harvest's bound for failed batches); then it gets a failed record.
+    pub max_requeues: u32,
 }
 
 impl SubmitConfig {
@@ -86,6 +96,19 @@ impl SubmitConfig {
         if self.concurrency == 0 {
             return Err(SubmitError::Config("concurrency must be at least 1".into()));
         }
+        if self
+            .provider_limits
+            .slots(self.limits.max_requests)
+            .is_some()
+            && self.slot_lease <= self.time_budget
+        {
+            return Err(SubmitError::Config(format!(
+                "the slot lease ({} s) must exceed the time budget ({} s), or a slot claimed \
+                 for a run's drain could be taken over while the run still fills its file",
+                self.slot_lease.as_secs(),
+                self.time_budget.as_secs()
+            )));
+        }
         Ok(())
     }
 }
@@ -102,6 +125,17 @@ pub enum SubmitError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a request file did not become a batch.
+#[derive(Debug)]
+enum Unsubmitted {
+    /// The provider's limits: no slot or upload turn came in time.
+    Waiting(String),
+    /// Creating it failed (the store, the upload, the provider's answer).
+    Refused(String),
+    /// The batch was created, but recording it failed.
+    Created(String),
 }
 
 /// One batch this run created.
@@ -134,6 +168,12 @@ pub struct SubmitReport {
     pub batches: Vec<SubmittedBatch>,
     /// Prepared images whose batch could not be submitted; their messages come back.
     pub unsubmitted: usize,
+    /// The run stopped taking messages because the provider's open-batch limit was
+    /// reached and no slot came free in time: waiting, not failing.
+    pub held_back: bool,
+    /// Prepared images sent back to the pending queue as new messages because their batch
+    /// could not be created (waiting for the provider, or refused by it).
+    pub sent_back: usize,
     pub errors: Vec<String>,
 }
 
@@ -165,6 +205,8 @@ where
         writer: BatchFileWriter::new(&work_dir, &submission_id, config.limits)?,
         items: HashMap::new(),
         handles: HashMap::new(),
+        slots: Vec::new(),
+        started: Instant::now(),
         report: SubmitReport {
             submission_id: submission_id.clone(),
             ..SubmitReport::default()
@@ -221,6 +263,9 @@ struct Run<'a, S, Q, P> {
     items: HashMap<String, PendingItem>,
     /// Receipt handles of every message taken for a content key.
     handles: HashMap<ContentKey, Vec<String>>,
+    /// Open-batch slots claimed and not yet given to a batch.
+    slots: Vec<HeldSlot>,
+    started: Instant,
     report: SubmitReport,
 }
 
@@ -241,6 +286,12 @@ where
             while !drained && in_flight.len() < window {
                 let room = self.room_left();
                 if room == 0 || Instant::now() >= deadline {
+                    drained = true;
+                    break;
+                }
+                // Take no message the provider cannot take yet: with a slot in hand, the
+                // file these messages go into can be submitted.
+                if !self.slot_ahead(deadline).await {
                     drained = true;
                     break;
                 }
@@ -288,7 +339,127 @@ where
         for file in self.writer.take_finished() {
             self.submit_file(file).await;
         }
+        for slot in std::mem::take(&mut self.slots) {
+            if let Err(e) =
+                release_slot(self.store, &self.config.bucket, slot.index, &slot.manifest).await
+            {
+                // Taken over once its lease ends.
+                tracing::warn!(slot = slot.index, error = %e, "cannot give back an unused slot");
+            }
+        }
         Ok(())
+    }
+
+    /// The open-batch slots, when the provider's limits are set.
+    fn slot_count(&self) -> Option<u32> {
+        self.config
+            .provider_limits
+            .slots(self.config.limits.max_requests)
+    }
+
+    fn slot_lease(&self) -> Duration {
+        self.config.slot_lease
+    }
+
+    /// The latest a file may wait for a slot or an upload turn: its messages stay hidden
+    /// until the visibility timeout, which must not run out before the batch exists.
+    fn wait_deadline(&self) -> Instant {
+        let spare = self
+            .config
+            .visibility_timeout
+            .saturating_sub(self.config.time_budget + Duration::from_secs(60))
+            .min(Duration::from_secs(120));
+        self.started + self.config.time_budget + spare
+    }
+
+    /// Makes sure a slot is in hand before more messages are taken. `false` when the
+    /// provider is full and no slot came free soon: the run stops taking messages.
+    async fn slot_ahead(&mut self, deadline: Instant) -> bool {
+        let Some(slots) = self.slot_count() else {
+            return true;
+        };
+        if !self.slots.is_empty() {
+            return true;
+        }
+        // Wait a little, not the whole budget: an idle worker costs Lambda time, and the
+        // next scheduled run dispatches again.
+        let until = deadline.min(Instant::now() + self.config.provider_limits.poll_interval * 10);
+        let placeholder = format!("{}-next", self.submission_id);
+        match claim_slot(
+            self.store,
+            &self.config.bucket,
+            slots,
+            &placeholder,
+            self.slot_lease(),
+            self.config.provider_limits.poll_interval,
+            until,
+        )
+        .await
+        {
+            Ok(Some(slot)) => {
+                self.slots.push(slot);
+                true
+            }
+            Ok(None) => {
+                self.report.held_back = true;
+                tracing::info!(
+                    slots,
+                    "the provider's open-batch limit is reached; taking no more messages"
+                );
+                false
+            }
+            Err(e) => {
+                self.error(format!("claiming an open-batch slot: {e}"));
+                false
+            }
+        }
+    }
+
+    /// The slot for the file about to be submitted, claimed now if none is in hand, and
+    /// pointed at its manifest. `Ok(None)`: no limits.
+    async fn slot_for(&mut self, manifest: &str) -> Result<Option<HeldSlot>, String> {
+        let Some(slots) = self.slot_count() else {
+            return Ok(None);
+        };
+        let slot = match self.slots.pop() {
+            Some(slot) => slot,
+            None => claim_slot(
+                self.store,
+                &self.config.bucket,
+                slots,
+                manifest,
+                self.slot_lease(),
+                self.config.provider_limits.poll_interval,
+                self.wait_deadline(),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                self.report.held_back = true;
+                format!("the provider's limit of {slots} open batches was reached and no slot came free in time")
+            })?,
+        };
+        if slot.manifest != manifest {
+            let claim = crate::backpressure::SlotClaim {
+                manifest: manifest.to_owned(),
+                claimed_at: unix_now(),
+            };
+            let body = serde_json::to_vec(&claim).map_err(|e| e.to_string())?;
+            self.store
+                .put(
+                    &self.config.bucket,
+                    &state_keys::slot(slot.index),
+                    body,
+                    "application/json",
+                    WriteCondition::Overwrite,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Some(HeldSlot {
+            index: slot.index,
+            manifest: manifest.to_owned(),
+        }))
     }
 
     /// How many more messages this run may take.
@@ -405,22 +576,34 @@ where
         let keys: Vec<ContentKey> = items.values().map(content_key).collect();
         tracing::debug!(manifest = %name, requests = file.requests, bytes = file.bytes,
             "request file ready");
-        match self.create_batch(&name, &file, items).await {
+        let created = match self.slot_for(&name).await {
+            Ok(slot) => {
+                let index = slot.as_ref().map(|s| s.index);
+                let created = self.create_batch(&name, &file, &items, index).await;
+                // A batch that exists keeps its slot until it is harvested.
+                if matches!(
+                    created,
+                    Err(Unsubmitted::Waiting(_) | Unsubmitted::Refused(_))
+                ) && let Some(slot) = slot
+                    && let Err(e) =
+                        release_slot(self.store, &self.config.bucket, slot.index, &name).await
+                {
+                    tracing::warn!(slot = slot.index, error = %e, "cannot give back a slot");
+                }
+                created
+            }
+            Err(e) => Err(Unsubmitted::Waiting(e)),
+        };
+        match created {
             Ok(batch) => {
                 tracing::info!(batch_id = %batch.batch_id, manifest = %name,
                     requests = file.requests, bytes = file.bytes, "batch submitted");
                 self.report.batches.push(batch);
                 self.delete_messages(&keys).await;
             }
-            Err(e) => {
+            Err(why) => {
                 self.report.unsubmitted += file.requests;
-                for key in &keys {
-                    self.handles.remove(key);
-                }
-                self.error(format!(
-                    "submitting {name} ({} requests; their messages will come back): {e}",
-                    file.requests
-                ));
+                self.send_back(&name, items, why).await;
             }
         }
         if let Err(e) = std::fs::remove_file(&file.path) {
@@ -428,12 +611,99 @@ where
         }
     }
 
+    /// Sends the items of a file that could not become a batch back to the pending queue
+    /// as new messages, then deletes the ones they came in: a message that merely comes
+    /// back after its visibility timeout counts a receive each time, and enough of those
+    /// would move a healthy image to the dead-letter queue. Waiting for the provider
+    /// spends nothing; a refused creation counts a requeue (not an attempt), and past
+    /// `max_requeues` the image gets a failed record with every reason.
+    async fn send_back(
+        &mut self,
+        name: &str,
+        items: BTreeMap<String, PendingItem>,
+        why: Unsubmitted,
+    ) {
+        let (reason, refused) = match why {
+            Unsubmitted::Waiting(reason) => (reason, false),
+            Unsubmitted::Refused(reason) => (reason, true),
+            Unsubmitted::Created(reason) => {
+                // The batch exists and may yet be harvested: sending its images again
+                // would only make duplicates. Their messages come back if it never is.
+                for item in items.values() {
+                    self.handles.remove(&content_key(item));
+                }
+                self.error(format!(
+                    "recording the batch of {name} ({} requests; their messages will come back): {reason}",
+                    items.len()
+                ));
+                return;
+            }
+        };
+        let count = items.len();
+        let mut again = Vec::new();
+        let mut done_keys = Vec::new();
+        for item in items.into_values() {
+            let key = content_key(&item);
+            if !refused {
+                again.push((key, item));
+                continue;
+            }
+            let next = item.requeued(format!("its batch could not be created: {reason}"));
+            if next.requeues <= self.config.max_requeues {
+                again.push((key, next));
+                continue;
+            }
+            let task = self.task_ref();
+            match TerminalRecords::new(self.store, &self.config.layout, &task)
+                .write_failed(next.source(), next.reasons)
+                .await
+            {
+                Ok(written) => {
+                    if written == FailedWrite::Written {
+                        self.report.failed += 1;
+                    }
+                    done_keys.push(key);
+                }
+                // Its message stays and comes back.
+                Err(e) => {
+                    self.handles.remove(&key);
+                    self.error(format!("writing the failed record for {}: {e}", next.key));
+                }
+            }
+        }
+        let pending: Vec<PendingItem> = again.iter().map(|(_, item)| item.clone()).collect();
+        match send_pending(self.queue, &self.config.pending_queue_url, &pending).await {
+            Ok(()) => {
+                self.report.sent_back += pending.len();
+                done_keys.extend(again.into_iter().map(|(key, _)| key));
+            }
+            Err(e) => {
+                // The originals stay and come back after their visibility timeout.
+                for (key, _) in &again {
+                    self.handles.remove(key);
+                }
+                self.error(format!("sending back the items of {name}: {e}"));
+            }
+        }
+        self.delete_messages(&done_keys).await;
+        if refused {
+            self.error(format!(
+                "submitting {name} ({count} requests; sent back to the queue): {reason}"
+            ));
+        } else {
+            self.report.held_back = true;
+            tracing::info!(manifest = %name, requests = count, %reason,
+                "waiting for the provider; the file's images are back on the queue");
+        }
+    }
+
     async fn create_batch(
         &self,
         name: &str,
         file: &BatchFile,
-        items: BTreeMap<String, PendingItem>,
-    ) -> Result<SubmittedBatch, String> {
+        items: &BTreeMap<String, PendingItem>,
+        slot: Option<u32>,
+    ) -> Result<SubmittedBatch, Unsubmitted> {
         let bucket = &self.config.bucket;
         let manifest_key = state_keys::manifest(name);
         let manifest = Manifest {
@@ -442,9 +712,11 @@ where
             task: self.task_ref(),
             model: self.config.task.model().to_owned(),
             created_at: unix_now(),
-            items,
+            items: items.clone(),
+            slot,
         };
-        let body = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+        let refused = |e: &dyn std::fmt::Display| Unsubmitted::Refused(e.to_string());
+        let body = serde_json::to_vec(&manifest).map_err(|e| refused(&e))?;
         self.store
             .put(
                 bucket,
@@ -454,13 +726,23 @@ where
                 WriteCondition::Overwrite,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| refused(&e))?;
 
+        let interval = self.config.provider_limits.upload_interval;
+        let turn = take_upload_turn(self.store, bucket, interval, self.wait_deadline())
+            .await
+            .map_err(|e| refused(&e))?;
+        if !turn {
+            return Err(Unsubmitted::Waiting(format!(
+                "no upload turn came in time (one upload every {} s)",
+                interval.as_secs_f64()
+            )));
+        }
         let uploaded = self
             .provider
             .upload(&file.path)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| refused(&e))?;
         let mut request = CreateBatchRequest::chat_completions(uploaded.id.clone());
         request.completion_window = self.config.completion_window.clone();
         request.metadata = BTreeMap::from([
@@ -482,7 +764,9 @@ where
             .provider
             .create(&request)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| refused(&e))?;
+        // From here on the batch exists: a failure leaves its messages to come back.
+        let created = |e: &dyn std::fmt::Display| Unsubmitted::Created(e.to_string());
 
         let record = BatchRecord {
             batch_id: batch.id.clone(),
@@ -499,7 +783,7 @@ where
             harvest: None,
             harvested_at: None,
         };
-        let body = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec_pretty(&record).map_err(|e| created(&e))?;
         // The batch exists now. The open marker goes first: it is what reconciliation
         // lists, so once it is written a crash and a lost webhook together still cannot
         // orphan the batch (harvest writes the state record if it is missing). Written
@@ -510,14 +794,16 @@ where
             &state_keys::open_marker(&batch.id),
             Vec::new(),
         )
-        .await?;
+        .await
+        .map_err(|e| created(&e))?;
         put_state(
             self.store,
             bucket,
             &state_keys::manifest_batch(name),
             batch.id.clone().into_bytes(),
         )
-        .await?;
+        .await
+        .map_err(|e| created(&e))?;
         // Only if absent: a quick batch can be harvested before this line, and its
         // harvested record must not go back to open.
         match self
@@ -532,7 +818,7 @@ where
             .await
         {
             Ok(_) | Err(StoreError::ConditionFailed { .. }) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(created(&e)),
         }
         Ok(SubmittedBatch {
             batch_id: batch.id,

@@ -390,6 +390,7 @@ async fn process<S: ObjectStore, Q: Queue>(
         batch_id: target.batch_id.clone(),
         manifest: target.manifest.clone(),
         origin: ORIGIN.to_owned(),
+        shard: None,
     };
     if let Err(rejection) = send_harvest_request(queue, config, &request).await {
         // The marker was claimed before sending (see `claim_delivery`); release it so the

@@ -13,8 +13,8 @@ use shotlabel_core::batch_api::{BatchError, BatchStatus};
 use shotlabel_core::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_objects};
 use shotlabel_core::harvest::{HarvestConfig, HarvestOutcome, harvest, reconcile};
 use shotlabel_core::memory::{
-    KeyMatch, MEMORY_MODEL, MemoryProvider, MemoryQueue, MemoryStore, QueueOp, REPLY_PROMPT_TOKENS,
-    Reply, StoreFault, StoreOp, sample_png,
+    KeyMatch, MEMORY_MODEL, MemoryProvider, MemoryQueue, MemoryStore, ProviderOp, QueueOp,
+    REPLY_PROMPT_TOKENS, Reply, StoreFault, StoreOp, sample_png,
 };
 use shotlabel_core::prepare::DecodeLimits;
 use shotlabel_core::records::{
@@ -108,6 +108,9 @@ impl Pipeline {
             work_dir: self.work_dir.path().to_owned(),
             completion_window: "24h".into(),
             per_batch_webhook: None,
+            provider_limits: Default::default(),
+            slot_lease: std::time::Duration::from_secs(900),
+            max_requeues: 10,
         }
     }
 
@@ -137,6 +140,8 @@ impl Pipeline {
             pending_queue_url: PENDING_QUEUE.to_owned(),
             task: self.task.clone(),
             max_retries: MAX_RETRIES,
+            max_requeues: 10,
+            shards: None,
         }
     }
 
@@ -145,6 +150,7 @@ impl Pipeline {
             batch_id: Some(batch_id.to_owned()),
             manifest: None,
             origin: "test".into(),
+            shard: None,
         };
         Ok(harvest(
             &self.store,
@@ -602,9 +608,10 @@ async fn an_expired_batch_keeps_what_finished_and_requeues_the_rest() -> anyhow:
         requeued,
         BTreeSet::from([format!("{INPUT}b.png"), format!("{INPUT}d.png")])
     );
+    // The batch expired, not the images: their attempts are not spent.
     for item in p.pending()? {
-        assert_eq!(item.attempt, 1);
-        assert_eq!(item.reasons[0].stage, Stage::Provider);
+        assert_eq!((item.attempt, item.requeues), (0, 1));
+        assert_eq!(item.reasons[0].stage, Stage::Batch);
         assert!(item.reasons[0].reason.contains("expired"), "{item:?}");
     }
     let record: BatchRecord = p.read(&state_keys::batch(&batch_id))?;
@@ -614,7 +621,7 @@ async fn an_expired_batch_keeps_what_finished_and_requeues_the_rest() -> anyhow:
     let retry = p.submit_one().await?;
     p.provider.complete(&retry, answer_for)?;
     assert_eq!(p.harvest_counts(&retry).await?.labelled, 2);
-    assert_eq!(p.label("d.png")?.attempt, 1);
+    assert_eq!(p.label("d.png")?.attempt, 0, "an expiry spends no attempt");
     assert_eq!(p.store.keys(BUCKET, "labels/").len(), 4);
     Ok(())
 }
@@ -838,12 +845,91 @@ async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyh
     for name in ["a.png", "b.png"] {
         let record: FailedRecord = p.read(&format!("failed/{name}.json"))?;
         let stages: Vec<&str> = record.reasons.iter().map(|r| r.stage.as_str()).collect();
-        assert_eq!(stages, ["provider", "provider"]);
+        assert_eq!(stages, ["batch", "provider"]);
         assert!(
             record.reasons[1].reason.contains("invalid_json_line"),
             "{record:?}"
         );
     }
+    Ok(())
+}
+
+/// Failures of the batch, not the image (the enqueued limit, expiry), send the items round
+/// again without spending their retries; only past their own, looser bound do they fail,
+/// with every reason on the record.
+#[tokio::test]
+async fn batch_failures_do_not_spend_an_images_retries() -> anyhow::Result<()> {
+    let p = Pipeline::new()?;
+    let max_requeues = p.harvest_config().max_requeues;
+    p.enqueue(p.put_images(&["a.png"])?).await?;
+    for round in 0..=max_requeues {
+        let batch = p.submit_one().await?;
+        p.provider.fail(
+            &batch,
+            file_error("token_limit_exceeded", "Enqueued token limit reached"),
+        )?;
+        let counts = p.harvest_counts(&batch).await?;
+        if round < max_requeues {
+            assert_eq!((counts.retried, counts.failed), (1, 0), "round {round}");
+            let items = p.pending()?;
+            assert_eq!(items.len(), 1);
+            // More rounds than max_retries allows attempts, and not one attempt spent.
+            assert_eq!((items[0].attempt, items[0].requeues), (0, round + 1));
+        } else {
+            assert_eq!((counts.retried, counts.failed), (0, 1), "round {round}");
+        }
+    }
+    assert!(max_requeues > MAX_RETRIES);
+    let record: FailedRecord = p.read("failed/a.png.json")?;
+    assert_eq!(record.reasons.len(), max_requeues as usize + 1);
+    assert!(
+        record
+            .reasons
+            .iter()
+            .all(|r| r.stage == Stage::Batch && r.reason.contains("token_limit_exceeded")),
+        "{record:?}"
+    );
+    Ok(())
+}
+
+/// A batch the provider will not create sends its images back to the queue as new
+/// messages (so a refusal never walks a healthy image to the dead-letter queue), counting
+/// a requeue and not an attempt; past the bound they get failed records with every reason.
+#[tokio::test]
+async fn a_refused_creation_sends_the_images_back_without_spending_an_attempt() -> anyhow::Result<()>
+{
+    let p = Pipeline::new()?;
+    p.enqueue(p.put_images(&["a.png", "b.png"])?).await?;
+    p.provider.fail_next(ProviderOp::Create, 1);
+    let report = p.submit().await?;
+    assert!(report.batches.is_empty());
+    assert_eq!((report.sent_back, report.unsubmitted), (2, 2));
+    assert!(
+        !report.errors.is_empty(),
+        "a refusal is an error of the run"
+    );
+    let items = p.pending()?;
+    assert_eq!(items.len(), 2, "the originals are replaced, not kept");
+    for item in &items {
+        assert_eq!((item.attempt, item.requeues), (0, 1));
+        assert_eq!(item.reasons[0].stage, Stage::Batch);
+    }
+    // The next run submits them.
+    p.submit_one().await?;
+    assert_eq!(p.queue.depth(PENDING_QUEUE), 0);
+
+    // A provider that refuses every time: the bound, then failed records.
+    let p = Pipeline::new()?;
+    p.enqueue(p.put_images(&["c.png"])?).await?;
+    p.provider.fail_next(ProviderOp::Create, 1_000);
+    let max_requeues = p.submit_config(BatchLimits::default()).max_requeues;
+    for _ in 0..=max_requeues {
+        p.submit().await?;
+    }
+    assert_eq!(p.queue.depth(PENDING_QUEUE), 0);
+    let record: FailedRecord = p.read("failed/c.png.json")?;
+    assert_eq!(record.reasons.len(), max_requeues as usize + 1);
+    assert!(record.reasons.iter().all(|r| r.stage == Stage::Batch));
     Ok(())
 }
 

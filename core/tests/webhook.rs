@@ -273,6 +273,7 @@ async fn a_signed_batch_event_queues_one_harvest_request() {
             batch_id: Some("batch_abc".into()),
             manifest: None,
             origin: "webhook".into(),
+            shard: None,
         }]
     );
     let markers = h.markers();
@@ -541,6 +542,7 @@ async fn a_good_per_batch_token_queues_the_manifest_and_the_batch_id() {
             batch_id: Some("batch_pb".into()),
             manifest: Some("s1-0".into()),
             origin: "webhook".into(),
+            shard: None,
         }]
     );
 }
@@ -673,6 +675,7 @@ async fn per_batch_bodies_are_read_leniently() {
                 batch_id: expected.map(str::to_owned),
                 manifest: Some("s1-0".into()),
                 origin: "webhook".into(),
+                shard: None,
             }],
             "case {i}"
         );

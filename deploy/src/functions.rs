@@ -8,8 +8,9 @@ use shotlabel_core::settings::{
 use crate::{
     BATCHES, DELIVERIES, Deployment, Env, FAILED, GET_SECRET, Grant, HARVEST, HARVEST_BY_MANIFEST,
     HARVEST_QUEUE, HAS_TASK, LABELS, LOGGING, MANIFEST_BATCH, MANIFESTS, OPEN, PENDING_QUEUE,
-    PER_BATCH_WEBHOOKS, PROVIDER, Prefix, Resource, S3_DELETE, S3_GET, S3_PUT, SEE_MISSING_KEYS,
-    SQS_ATTRIBUTES, SQS_DELETE, SQS_RECEIVE, SQS_SEND, WEBHOOK_SECRET,
+    PER_BATCH_WEBHOOKS, PROVIDER, PROVIDER_STATE, Prefix, Resource, S3_DELETE, S3_GET, S3_PUT,
+    SEE_MISSING_KEYS, SLOTS, SQS_ATTRIBUTES, SQS_DELETE, SQS_RECEIVE, SQS_SEND, SUBMIT_WORK_QUEUE,
+    WEBHOOK_SECRET,
 };
 
 /// What enqueue does on AWS: looks for a current label (GET, or HEAD when relabelling),
@@ -38,13 +39,28 @@ pub const ENQUEUE: Deployment = Deployment {
 /// exists), reads each image, writes failed records, manifests, manifest → batch links,
 /// state records and open markers; in per-batch webhook mode it signs each batch's webhook
 /// URL with the webhook secret. Reconciliation, which runs first, is a harvest
-/// ([`HARVEST`]) and lists the open markers.
+/// ([`HARVEST`]) and lists the open markers. The scheduled run reads the pending and work
+/// queues' depths and sends work tickets; the work queue's event source mapping receives
+/// and deletes them with the function's role. Workers claim, re-point and give back
+/// open-batch slots (reading a claim's manifest → batch link and batch record to tell a
+/// stale one) and take upload turns on the upload clock.
 const SUBMIT_GRANTS: &[Grant] = &[
     Grant::new(
-        &[SQS_RECEIVE, SQS_DELETE],
-        &[Resource::Queue(PENDING_QUEUE)],
+        &[SQS_RECEIVE, SQS_DELETE, SQS_ATTRIBUTES],
+        &[
+            Resource::Queue(PENDING_QUEUE),
+            Resource::Queue(SUBMIT_WORK_QUEUE),
+        ],
     ),
-    Grant::new(&[S3_GET], &[Resource::Objects(Prefix::Input)]),
+    Grant::new(&[SQS_SEND], &[Resource::Queue(SUBMIT_WORK_QUEUE)]),
+    Grant::new(
+        &[S3_GET],
+        &[
+            Resource::Objects(Prefix::Input),
+            Resource::Objects(MANIFEST_BATCH),
+            Resource::Objects(PROVIDER_STATE),
+        ],
+    ),
     Grant::new(
         &[S3_PUT],
         &[
@@ -53,6 +69,8 @@ const SUBMIT_GRANTS: &[Grant] = &[
             Resource::Objects(MANIFEST_BATCH),
             Resource::Objects(BATCHES),
             Resource::Objects(OPEN),
+            Resource::Objects(SLOTS),
+            Resource::Objects(PROVIDER_STATE),
         ],
     ),
     Grant::new(&[GET_SECRET], &[Resource::Secret(WEBHOOK_SECRET)]).only_if(PER_BATCH_WEBHOOKS),
@@ -79,6 +97,13 @@ pub const SUBMIT: Deployment = Deployment {
         Env::RequiredIf("SHOTLABEL_WEBHOOK_URL", PER_BATCH_WEBHOOKS),
         Env::RequiredIf("SHOTLABEL_WEBHOOK_SECRET_SECRET_ARN", PER_BATCH_WEBHOOKS),
         Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
+        // The fan-out: the scheduled run starts workers through the work queue.
+        Env::Required("SHOTLABEL_SUBMIT_WORK_QUEUE_URL"),
+        Env::Required("SHOTLABEL_MAX_SUBMIT_WORKERS"),
+        // Must agree with the harvest's.
+        Env::Required("SHOTLABEL_MAX_REQUEUES"),
+        // Reconciliation shards large batches onto the harvest queue.
+        Env::Required("SHOTLABEL_HARVEST_QUEUE_URL"),
     ],
     grants: &[LOGGING, SEE_MISSING_KEYS, PROVIDER, HARVEST, SUBMIT_GRANTS],
     variables: SubmitSettings::variables,
@@ -126,6 +151,9 @@ pub const HARVEST_FUNCTION: Deployment = Deployment {
         // Must agree with the other functions'.
         Env::Required("SHOTLABEL_INPUT_PREFIX"),
         Env::Required("SHOTLABEL_MAX_RETRIES"),
+        Env::Required("SHOTLABEL_MAX_REQUEUES"),
+        // Large batches are harvested in shards through its own queue.
+        Env::Required("SHOTLABEL_HARVEST_QUEUE_URL"),
         Env::RequiredIf("SHOTLABEL_TASK", HAS_TASK),
     ],
     grants: &[

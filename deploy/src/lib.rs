@@ -42,6 +42,14 @@ pub const OPEN: Prefix = Prefix::Fixed(shotlabel_core::records::state_keys::OPEN
 pub const RETRIES: Prefix = Prefix::Fixed("state/retries/");
 /// Webhook delivery markers ([`shotlabel_core::records::state_keys::delivery`]).
 pub const DELIVERIES: Prefix = Prefix::Fixed("state/deliveries/");
+/// Open-batch slots, held from submit to harvest ([`shotlabel_core::records::state_keys::slot`]).
+pub const SLOTS: Prefix = Prefix::Fixed(shotlabel_core::records::state_keys::SLOTS_PREFIX);
+/// Sharded harvests' plans and done markers ([`shotlabel_core::records::state_keys::shard_plan`]).
+pub const SHARDS: Prefix = Prefix::Fixed("state/shards/");
+/// Provider files of sharded batches, copied once ([`shotlabel_core::records::state_keys::batch_file_copy`]).
+pub const OUTPUTS: Prefix = Prefix::Fixed("state/outputs/");
+/// The provider's shared pacing state: the upload clock ([`shotlabel_core::records::state_keys::UPLOAD_CLOCK`]).
+pub const PROVIDER_STATE: Prefix = Prefix::Fixed("state/provider/");
 
 /// Every prefix the pipeline writes to. The input prefix may not lie under any of them,
 /// or the pipeline's own writes would trigger it.
@@ -143,6 +151,7 @@ impl Deployment {
 // Logical ids and conditions of `template.yaml` the declarations name.
 pub const PENDING_QUEUE: &str = "PendingQueue";
 pub const HARVEST_QUEUE: &str = "HarvestQueue";
+pub const SUBMIT_WORK_QUEUE: &str = "SubmitWorkQueue";
 pub const PROVIDER_API_KEY_SECRET: &str = "ProviderApiKeySecret";
 pub const WEBHOOK_SECRET: &str = "WebhookSecret";
 /// The template condition for `WebhookMode = per-batch`.
@@ -184,8 +193,10 @@ pub const PROVIDER: &[Grant] = &[Grant::new(
 /// and Standard Webhooks deliveries): the state record, manifest and retry plan; labels
 /// (checked, written); the source object (HEAD, before replacing another version's label);
 /// results, failed records, retry plans and the state record written; the open marker
-/// removed, and a failed record a label supersedes (read, removed); retries sent to the
-/// pending queue.
+/// removed, and a failed record a label supersedes (read, removed); the batch's open-batch
+/// slot given back (read, removed); retries sent to the pending queue. A batch over the
+/// shard size is planned (its files copied, the plan written and read) and its shards
+/// queued on the harvest queue; a shard reads its range and writes its done marker.
 pub const HARVEST: &[Grant] = &[
     Grant::new(
         &[S3_GET],
@@ -196,6 +207,9 @@ pub const HARVEST: &[Grant] = &[
             Resource::Objects(BATCHES),
             Resource::Objects(MANIFESTS),
             Resource::Objects(RETRIES),
+            Resource::Objects(SLOTS),
+            Resource::Objects(SHARDS),
+            Resource::Objects(OUTPUTS),
         ],
     ),
     Grant::new(
@@ -206,13 +220,25 @@ pub const HARVEST: &[Grant] = &[
             Resource::Objects(RESULTS),
             Resource::Objects(BATCHES),
             Resource::Objects(RETRIES),
+            Resource::Objects(SHARDS),
+            Resource::Objects(OUTPUTS),
         ],
     ),
     Grant::new(
         &[S3_DELETE],
-        &[Resource::Objects(FAILED), Resource::Objects(OPEN)],
+        &[
+            Resource::Objects(FAILED),
+            Resource::Objects(OPEN),
+            Resource::Objects(SLOTS),
+        ],
     ),
-    Grant::new(&[SQS_SEND], &[Resource::Queue(PENDING_QUEUE)]),
+    Grant::new(
+        &[SQS_SEND],
+        &[
+            Resource::Queue(PENDING_QUEUE),
+            Resource::Queue(HARVEST_QUEUE),
+        ],
+    ),
 ];
 
 /// A harvest request that names only its manifest (a per-batch webhook whose body gave no
@@ -254,6 +280,13 @@ mod tests {
         assert!(under(OPEN, &state_keys::open_marker("batch_1")));
         assert!(under(RETRIES, &state_keys::retries("batch_1")));
         assert!(under(DELIVERIES, &state_keys::delivery("abc")));
+        assert!(under(SLOTS, &state_keys::slot(3)));
+        assert!(under(SHARDS, &state_keys::shard_plan("batch_1")));
+        assert!(under(SHARDS, &state_keys::shard_done("batch_1", 2)));
+        assert!(under(OUTPUTS, &state_keys::batch_file_copy("batch_1", 0)));
+        assert!(under(RETRIES, &state_keys::shard_retries("batch_1", 2)));
+        assert!(under(RESULTS, &state_keys::shard_results("batch_1", 2)));
+        assert!(under(PROVIDER_STATE, state_keys::UPLOAD_CLOCK));
         for prefix in [
             LABELS,
             FAILED,
@@ -264,6 +297,10 @@ mod tests {
             OPEN,
             RETRIES,
             DELIVERIES,
+            SLOTS,
+            PROVIDER_STATE,
+            SHARDS,
+            OUTPUTS,
         ] {
             let Prefix::Fixed(p) = prefix else {
                 unreachable!()

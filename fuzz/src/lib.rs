@@ -216,6 +216,7 @@ pub fn output_lines(data: &[u8]) -> OutputLinesOutcome {
         model: task.model().to_owned(),
         created_at: 0,
         items: manifest_items,
+        slot: None,
     };
     let manifest_json = serde_json::to_vec(&manifest).expect("a manifest serialises");
     store.insert(BUCKET, &state_keys::manifest(FUZZ_MANIFEST), manifest_json);
@@ -226,11 +227,14 @@ pub fn output_lines(data: &[u8]) -> OutputLinesOutcome {
         pending_queue_url: PENDING_QUEUE.to_owned(),
         task: Arc::new(task.clone()),
         max_retries: MAX_RETRIES,
+        max_requeues: 10,
+        shards: None,
     };
     let request = HarvestRequest {
         batch_id: Some(FUZZ_BATCH.to_owned()),
         manifest: None,
         origin: "fuzz".to_owned(),
+        shard: None,
     };
     let counts = match block_on(harvest(&store, &queue, &provider, &config, &request)) {
         Ok(HarvestOutcome::Harvested { counts, .. }) => counts,
@@ -309,6 +313,7 @@ fn manifest_items(custom_ids: &BTreeSet<String>) -> BTreeMap<String, PendingItem
                         reason: "an earlier attempt".to_owned(),
                     })
                     .collect(),
+                requeues: 0,
                 replace_label: None,
             };
             (custom_id.to_owned(), item)

@@ -4,7 +4,10 @@
 //!
 //! - every fault the emulator injects: error lines, answers that are not JSON, that break
 //!   the schema or are cut off, 429s and 500s on API calls, batches that expire half done,
+//!   batches failed whole for the enqueued limit, uploads refused by a rate limit,
 //!   webhooks dropped, sent twice, delayed and out of order;
+//! - several submit workers at once, dispatched through the work queue, under a limit of
+//!   open batches, and batches harvested in shards, several at once;
 //! - S3 event notifications delivered twice;
 //! - SQS redelivery: messages made visible again while their receiver still works on them,
 //!   and messages a crashed invocation left behind coming back when it is gone;
@@ -16,7 +19,9 @@
 //! one terminal record (a label for its content, or a failed record with its reasons), that
 //! there is no record for anything that was not put in, that nothing is left in flight
 //! (queues empty, no open batch left unharvested, no batch still running at the emulator),
-//! and that whatever sits in a dead-letter queue was put there by an injected fault. It
+//! that whatever sits in a dead-letter queue was put there by an injected fault, and that
+//! at least 99.5 % of the decodable images end labelled (failed batches do not spend an
+//! image's retries). It
 //! prints what was injected and what came of it (`--nocapture` shows it).
 //!
 //! ```text
@@ -57,9 +62,17 @@ use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions, ProviderCho
 
 const DEFAULT_IMAGES: usize = 2_000;
 const DEFAULT_SEED: u64 = 8;
-/// One retry only: more images run out of attempts, so failed records are written while
-/// other copies of the same images are still on their way (the race the soak found).
-const MAX_RETRIES: u32 = 1;
+/// Three retries, the deployed default. With about 18 % of answers broken on purpose,
+/// some images still run out of attempts, so failed records are written while other
+/// copies of the same images are still on their way (the race the soak found).
+const MAX_RETRIES: u32 = 3;
+/// Batch-level failures (expired, the enqueued limit) do not spend retries: their own bound.
+const MAX_REQUEUES: usize = 10;
+/// Submit workers at once, and the provider's limits the workers keep to.
+const SUBMIT_WORKERS: usize = 3;
+const MAX_OPEN_BATCHES: u32 = 8;
+/// The least share of decodable images (screenshots and variants) that must end labelled.
+const MIN_LABELLED: f64 = 0.995;
 const STACK: &str = "chaos-soak";
 /// How long everything must stay still before the end state is checked: longer than the
 /// emulator's webhook retries and the runners' release delay.
@@ -204,6 +217,12 @@ fn options(task: Task, seed: u64) -> PipelineOptions {
     // Dropped webhooks are found by reconciliation.
     options.reconcile_min_age = Duration::from_secs(3);
     options.harvest_concurrency = 3;
+    options.submit_workers = SUBMIT_WORKERS;
+    options.max_open_batches = MAX_OPEN_BATCHES;
+    // Paced closer than the provider allows, so that its 429s are met too.
+    options.upload_interval = Duration::from_millis(20);
+    // Batches over 10 requests are harvested in shards through the harvest queue.
+    options.harvest_shard_requests = Some(10);
     options.provider = ProviderChoice::Emulator {
         faults: FaultSettings {
             error_line: 0.06,
@@ -213,6 +232,8 @@ fn options(task: Task, seed: u64) -> PipelineOptions {
             http_429: 0.03,
             http_500: 0.03,
             expire: 0.1,
+            enqueued_limit: 0.05,
+            upload_interval_ms: 40,
             webhook_drop: 0.2,
             webhook_duplicate: 0.2,
             webhook_delay_ms: 20,
@@ -332,6 +353,60 @@ async fn progress(
         progress.terminal = Some(pipeline.terminal_count(layout, keys).await?);
     }
     Ok(progress)
+}
+
+/// For images without a terminal record: the manifests (and their batches' records) and
+/// retry plans that name them, and whether a dead-letter queue holds them.
+async fn trace_unfinished(
+    pipeline: &LocalPipeline,
+    sqs: &aws_sdk_sqs::Client,
+    layout: &Layout,
+    keys: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let store = pipeline.store();
+    let bucket = &pipeline.resources.bucket;
+    let labels: BTreeSet<String> = store.list(bucket, "labels/").await?.into_iter().collect();
+    let failed: BTreeSet<String> = store.list(bucket, "failed/").await?.into_iter().collect();
+    let unfinished: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            let relative = layout.relative_or_key(k);
+            !labels.contains(&layout.label_key(relative))
+                && !failed.contains(&layout.failed_key(relative))
+        })
+        .take(5)
+        .collect();
+    let mut found: BTreeMap<&String, Vec<String>> = BTreeMap::new();
+    let prefixes = ["state/manifests/", "state/retries/", "state/shards/"];
+    for prefix in prefixes {
+        for (key, body) in read_all(pipeline, store.list(bucket, prefix).await?).await? {
+            let text = String::from_utf8_lossy(&body);
+            for image in &unfinished {
+                if text.contains(image.as_str()) {
+                    found.entry(*image).or_default().push(key.clone());
+                }
+            }
+        }
+    }
+    for url in [
+        &pipeline.resources.pending_dead_letter_queue_url,
+        &pipeline.resources.harvest_dead_letter_queue_url,
+    ] {
+        for (id, body) in drain(sqs, url).await? {
+            for image in &unfinished {
+                if body.contains(image.as_str()) {
+                    found
+                        .entry(*image)
+                        .or_default()
+                        .push(format!("dead letter {id}"));
+                }
+            }
+        }
+    }
+    Ok(unfinished
+        .iter()
+        .map(|image| format!("{image}: {:?}", found.get(*image)))
+        .collect())
 }
 
 /// Reads every object under these keys, a few at a time.
@@ -462,12 +537,15 @@ async fn every_image_ends_with_one_terminal_record_through_chaos() -> anyhow::Re
         } else {
             still_since = None;
         }
-        ensure!(
-            started.elapsed() < timeout,
-            "the soak did not settle within {} s (SHOTLABEL_SOAK_TIMEOUT_SECONDS): {now:?} \
-             of {images} images",
-            timeout.as_secs()
-        );
+        if started.elapsed() >= timeout {
+            let traces = trace_unfinished(&pipeline, &sqs, &layout, &keys).await?;
+            anyhow::bail!(
+                "the soak did not settle within {} s (SHOTLABEL_SOAK_TIMEOUT_SECONDS): {now:?} \
+                 of {images} images; where the unfinished ones were last seen:\n  {}",
+                timeout.as_secs(),
+                traces.join("\n  ")
+            );
+        }
         if last_report.elapsed() >= Duration::from_secs(10) {
             eprintln!(
                 "chaos soak: {:>4} s  terminal {:?}/{images}, pending {}, harvest {}, events {}, open batches {}",
@@ -573,11 +651,14 @@ async fn every_image_ends_with_one_terminal_record_through_chaos() -> anyhow::Re
             .entry(last_reason.stage.to_string())
             .or_default() += 1;
         if kind_of.get(key) != Some(&Kind::Awkward) {
-            let by_faults = record.reasons.len() == MAX_RETRIES as usize + 1
-                && record
-                    .reasons
+            // Out of attempts on broken answers, or out of requeues on failed batches.
+            let (batch, answers): (Vec<_>, Vec<_>) =
+                record.reasons.iter().partition(|r| r.stage == Stage::Batch);
+            let by_faults = answers.len() == MAX_RETRIES as usize + 1
+                && answers
                     .iter()
-                    .all(|r| r.stage == Stage::Provider || r.stage == Stage::Validate);
+                    .all(|r| r.stage == Stage::Provider || r.stage == Stage::Validate)
+                || batch.len() == MAX_REQUEUES + 1;
             if !by_faults {
                 problems.push(format!(
                     "{failed_key}: a decodable image failed for reasons no injected fault explains: {:?}",
@@ -674,6 +755,29 @@ async fn every_image_ends_with_one_terminal_record_through_chaos() -> anyhow::Re
     drop(pipeline);
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{STACK}-work")));
 
+    // Broken answers spend retries; failed batches do not: nearly every decodable image
+    // ends labelled.
+    let decodable: Vec<&String> = keys
+        .iter()
+        .filter(|k| kind_of.get(*k) != Some(&Kind::Awkward))
+        .collect();
+    let decodable_labelled = decodable
+        .iter()
+        .filter(|k| labels.contains(&layout.label_key(layout.relative_or_key(k))))
+        .count();
+    let share = decodable_labelled as f64 / decodable.len().max(1) as f64;
+    eprintln!(
+        "  decodable labelled:   {decodable_labelled} of {} ({:.2} %)",
+        decodable.len(),
+        share * 100.0
+    );
+    if share < MIN_LABELLED {
+        problems.push(format!(
+            "only {:.2} % of the decodable images ended labelled (at least {:.1} % expected)",
+            share * 100.0,
+            MIN_LABELLED * 100.0
+        ));
+    }
     ensure!(
         problems.is_empty(),
         "{} problem(s) after the soak ({last:?}):\n  {}",

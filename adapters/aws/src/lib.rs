@@ -13,13 +13,14 @@ use std::time::Duration;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_sqs::types::{
-    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, SendMessageBatchRequestEntry,
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
 };
 use secrecy::{ExposeSecret, SecretString};
 
 use shotlabel_core::ports::{
-    ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueError, ReceivedMessage, StoreError,
-    StoredObject, WriteCondition,
+    ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage,
+    StoreError, StoredObject, WriteCondition,
 };
 use shotlabel_core::settings::{ProviderSettings, S3Settings, SettingsError};
 
@@ -130,6 +131,79 @@ impl ObjectStore for S3Store {
                 DisplayErrorContext(&e)
             ))),
         }
+    }
+
+    async fn get_range(
+        &self,
+        bucket: &str,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        if end <= start {
+            return Ok(Vec::new());
+        }
+        // HTTP ranges are inclusive.
+        let output = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .range(format!("bytes={start}-{}", end - 1))
+            .send()
+            .await;
+        match output {
+            Ok(object) => {
+                let body =
+                    object.body.collect().await.map_err(|e| {
+                        StoreError::Other(format!("reading s3://{bucket}/{key}: {e}"))
+                    })?;
+                Ok(body.into_bytes().to_vec())
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                Err(StoreError::NotFound {
+                    bucket: bucket.into(),
+                    key: key.into(),
+                })
+            }
+            Err(e) => Err(StoreError::Other(format!(
+                "reading bytes {start}..{end} of s3://{bucket}/{key}: {}",
+                DisplayErrorContext(&e)
+            ))),
+        }
+    }
+
+    async fn put_file(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &std::path::Path,
+        content_type: &str,
+    ) -> Result<String, StoreError> {
+        // Streamed from disk: a batch's output can be hundreds of megabytes.
+        let body = aws_sdk_s3::primitives::ByteStream::from_path(path)
+            .await
+            .map_err(|e| StoreError::Other(format!("reading {}: {e}", path.display())))?;
+        let output = self
+            .client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                StoreError::Other(format!(
+                    "writing s3://{bucket}/{key}: {}",
+                    DisplayErrorContext(&e)
+                ))
+            })?;
+        Ok(output
+            .e_tag
+            .as_deref()
+            .map(strip_quotes)
+            .unwrap_or_default())
     }
 
     async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
@@ -328,6 +402,30 @@ impl Queue for SqsQueue {
                 }
             })
             .collect())
+    }
+
+    async fn depth(&self, queue_url: &str) -> Result<QueueDepth, QueueError> {
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| queue_error("reading the queue's depth", e))?;
+        let count = |name: QueueAttributeName| {
+            output
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get(&name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(QueueDepth {
+            visible: count(QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        })
     }
 
     async fn delete_batch(

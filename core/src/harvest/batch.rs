@@ -75,15 +75,7 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
         provider: &P,
         file_id: &str,
     ) -> Result<(), HarvestError> {
-        let manifest: &'a Manifest = self.manifest;
-        let records = self.records;
-        let mut writes = FuturesUnordered::new();
-        // Label keys with a write in flight: a second item for the same key waits.
-        let mut busy: HashSet<String> = HashSet::new();
-        // Split on bytes, not `lines()`: one line that is not UTF-8 must cost its own item
-        // a retry, not fail the whole file (and so the batch, at every harvest).
-        // Lines are also bounded: one endless line must not hold the file in memory.
-        let mut reader = match provider.open_file(file_id).await {
+        let reader = match provider.open_file(file_id).await {
             Ok(reader) => reader,
             // The provider says the file does not exist: waiting will not bring it back.
             // Its items are left unseen and go round again with this reason. Any other
@@ -97,6 +89,24 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
             }
             Err(e) => return Err(e.into()),
         };
+        self.read_lines(reader, file_id).await
+    }
+
+    /// Reads output or error lines (a whole file, or a shard's range of one) and settles
+    /// each item they answer. `file` names the file in reasons.
+    pub(super) async fn read_lines(
+        &mut self,
+        mut reader: crate::ports::LineReader,
+        file_id: &str,
+    ) -> Result<(), HarvestError> {
+        let manifest: &'a Manifest = self.manifest;
+        let records = self.records;
+        let mut writes = FuturesUnordered::new();
+        // Label keys with a write in flight: a second item for the same key waits.
+        let mut busy: HashSet<String> = HashSet::new();
+        // Split on bytes, not `lines()`: one line that is not UTF-8 must cost its own item
+        // a retry, not fail the whole file (and so the batch, at every harvest).
+        // Lines are also bounded: one endless line must not hold the file in memory.
         let (mut bad_lines, mut long_lines) = (0u64, 0u64);
         while let Some(raw) = read_raw_line(&mut reader, MAX_LINE_BYTES).await? {
             let line = match raw {
@@ -191,6 +201,12 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
 
     /// Items in neither file: what became of them depends on how the batch ended.
     pub(super) async fn settle_missing(&mut self) -> Result<(), HarvestError> {
+        // The batch ended early, not because of these images: they go round again without
+        // spending their retries (a separate, looser bound applies).
+        let batch_level = matches!(
+            self.batch.status,
+            BatchStatus::Failed | BatchStatus::Expired | BatchStatus::Cancelled
+        );
         let (reason, permanent) = match &self.batch.status {
             BatchStatus::Failed => {
                 let summary = self
@@ -256,6 +272,8 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
                     self.counts.duplicates += 1;
                     self.result(&id, &item, json!({"outcome": "duplicate"}));
                 }
+            } else if batch_level {
+                self.requeue(&id, &item, reason.clone()).await?;
             } else {
                 self.retry(&id, &item, Stage::Provider, reason.clone())
                     .await?;
@@ -296,6 +314,33 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
             custom_id,
             item,
             json!({"outcome": outcome, "stage": stage, "reason": reason}),
+        );
+        self.retries.push(next);
+        Ok(())
+    }
+
+    /// Sends an item round again after its batch failed: its attempt is not spent.
+    async fn requeue(
+        &mut self,
+        custom_id: &str,
+        item: &PendingItem,
+        reason: String,
+    ) -> Result<(), HarvestError> {
+        if self.already_labelled(item).await? {
+            self.counts.duplicates += 1;
+            self.result(custom_id, item, json!({"outcome": "duplicate"}));
+            return Ok(());
+        }
+        let next = item.requeued(reason.clone());
+        let outcome = if next.requeues <= self.config.max_requeues {
+            "retry"
+        } else {
+            "failed"
+        };
+        self.result(
+            custom_id,
+            item,
+            json!({"outcome": outcome, "stage": Stage::Batch, "reason": reason}),
         );
         self.retries.push(next);
         Ok(())

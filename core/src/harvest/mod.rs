@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::backpressure::release_slot;
+use crate::batch_api::Batch;
 use crate::ports::{BatchProvider, ObjectStore, Queue, StoreError, WriteCondition};
 use crate::records::{
     BatchPhase, BatchRecord, HarvestCounts, HarvestRequest, Layout, Manifest, TaskRef, state_keys,
@@ -24,12 +26,14 @@ use crate::terminal::{RecordError, TerminalRecords};
 mod batch;
 mod lines;
 mod retries;
+pub mod shards;
 mod state;
 
 pub use lines::{MAX_LINE_BYTES, parse_output_line};
 
 use batch::BatchHarvest;
 use retries::requeue;
+use shards::{ShardDone, plan_and_dispatch};
 use state::{finish_record, read_json, remove_open_marker, resolve_batch_id};
 
 #[derive(Debug, Clone)]
@@ -41,6 +45,20 @@ pub struct HarvestConfig {
     pub task: Arc<Task>,
     /// Retries after the first attempt before an image is failed.
     pub max_retries: u32,
+    /// Times an image may go round again because its batch failed (expired, cancelled,
+    /// refused for capacity) before it is failed; these do not spend `max_retries`.
+    pub max_requeues: u32,
+    /// Sharded harvests of large batches; `None`: every batch is harvested in one run.
+    pub shards: Option<ShardConfig>,
+}
+
+/// How large batches are harvested by several runs at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardConfig {
+    /// The harvest queue, where one message per shard goes.
+    pub queue_url: String,
+    /// Batches with more requests than this are sharded, this many requests a shard.
+    pub requests_per_shard: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -53,6 +71,21 @@ pub enum HarvestOutcome {
     Harvested {
         batch_id: String,
         counts: HarvestCounts,
+    },
+    /// A large batch: its shards were planned and `queued` of them sent to the harvest
+    /// queue (those not done yet).
+    Sharded {
+        batch_id: String,
+        shards: usize,
+        queued: usize,
+    },
+    /// One shard harvested; `finished` when this run marked the batch harvested (it saw
+    /// every shard done, and its write of the state record was the one that counted).
+    ShardHarvested {
+        batch_id: String,
+        shard: u32,
+        counts: HarvestCounts,
+        finished: bool,
     },
 }
 
@@ -139,6 +172,31 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
         });
     }
 
+    if let Some(shard) = request.shard {
+        return harvest_shard(store, queue, config, &batch, &manifest, shard).await;
+    }
+    if let Some(shards) = shards::wants_shards(config, &manifest) {
+        let (count, queued) =
+            plan_and_dispatch(store, queue, provider, config, shards, &batch, &manifest).await?;
+        // Every shard is done, yet the batch is open: the shard that should have finished
+        // it died after its done marker, and its message is gone. Finish it here.
+        if queued == 0 {
+            let plan = shards::read_plan(store, config, &batch_id).await?;
+            if finish_shards(store, queue, config, &batch, &manifest, &plan).await? {
+                let record =
+                    read_json::<S, BatchRecord>(store, bucket, &state_keys::batch(&batch_id))
+                        .await?;
+                let counts = record.and_then(|(r, _)| r.harvest).unwrap_or_default();
+                return Ok(HarvestOutcome::Harvested { batch_id, counts });
+            }
+        }
+        return Ok(HarvestOutcome::Sharded {
+            batch_id,
+            shards: count,
+            queued,
+        });
+    }
+
     let task = task_ref(&config.task);
     let records = TerminalRecords::new(store, &config.layout, &task);
     let mut run = BatchHarvest {
@@ -165,7 +223,16 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
         retries,
         ..
     } = run;
-    let (retried, failed) = requeue(store, queue, config, records, &batch_id, retries).await?;
+    let (retried, failed) = requeue(
+        store,
+        queue,
+        config,
+        records,
+        &batch_id,
+        &state_keys::retries(&batch_id),
+        retries,
+    )
+    .await?;
     counts.retried += retried;
     counts.failed += failed;
 
@@ -179,11 +246,195 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
         )
         .await?;
     finish_record(store, config, &batch, &manifest, record, counts).await?;
-    remove_open_marker(store, bucket, &batch_id).await;
+    closed(store, bucket, &batch_id, &manifest).await;
     tracing::info!(%batch_id, status = %batch.status, labelled = counts.labelled,
         retried = counts.retried, failed = counts.failed, duplicates = counts.duplicates,
         "batch harvested");
     Ok(HarvestOutcome::Harvested { batch_id, counts })
+}
+
+/// After the state record says harvested: the open marker and the batch's slot go.
+async fn closed<S: ObjectStore>(store: &S, bucket: &str, batch_id: &str, manifest: &Manifest) {
+    remove_open_marker(store, bucket, batch_id).await;
+    if let Some(slot) = manifest.slot
+        && let Err(e) = release_slot(store, bucket, slot, &manifest.name).await
+    {
+        // The next worker that finds every slot taken sees the batch harvested and
+        // takes this one over.
+        tracing::warn!(%batch_id, slot, error = %e, "cannot give back the batch's slot");
+    }
+}
+
+/// One shard of a sharded harvest, then the batch's finish if it was the last.
+async fn harvest_shard<S: ObjectStore, Q: Queue>(
+    store: &S,
+    queue: &Q,
+    config: &HarvestConfig,
+    batch: &Batch,
+    manifest: &Manifest,
+    shard: u32,
+) -> Result<HarvestOutcome, HarvestError> {
+    let bucket = &config.bucket;
+    let done_key = state_keys::shard_done(&batch.id, shard);
+    let plan = shards::read_plan(store, config, &batch.id).await?;
+    let counts =
+        match read_json::<S, ShardDone>(store, bucket, &done_key).await? {
+            // Done before (a redelivered message): only the finish may be left.
+            Some((done, _)) => done.counts,
+            None => {
+                let range = plan.shards.get(shard as usize).copied().ok_or_else(|| {
+                    HarvestError::NotOurs {
+                        batch_id: batch.id.clone(),
+                        reason: format!("its plan has no shard {shard}"),
+                    }
+                })?;
+                let file = plan
+                    .files
+                    .get(range.file)
+                    .ok_or_else(|| HarvestError::NotOurs {
+                        batch_id: batch.id.clone(),
+                        reason: format!("its plan has no file {}", range.file),
+                    })?;
+                let bytes = store
+                    .get_range(bucket, &file.key, range.start, range.end)
+                    .await?;
+                let task = task_ref(&config.task);
+                let records = TerminalRecords::new(store, &config.layout, &task);
+                let mut run = BatchHarvest {
+                    config,
+                    records,
+                    batch,
+                    manifest,
+                    seen: HashSet::new(),
+                    counts: HarvestCounts::default(),
+                    results: Vec::new(),
+                    retries: Vec::new(),
+                    unreadable: Vec::new(),
+                };
+                run.read_lines(Box::pin(std::io::Cursor::new(bytes)), &file.file_id)
+                    .await?;
+                let BatchHarvest {
+                    mut counts,
+                    results,
+                    retries,
+                    seen,
+                    unreadable,
+                    ..
+                } = run;
+                let plan_key = state_keys::shard_retries(&batch.id, shard);
+                let (retried, failed) =
+                    requeue(store, queue, config, records, &batch.id, &plan_key, retries).await?;
+                counts.retried += retried;
+                counts.failed += failed;
+                store
+                    .put(
+                        bucket,
+                        &state_keys::shard_results(&batch.id, shard),
+                        results,
+                        "application/x-ndjson",
+                        WriteCondition::Overwrite,
+                    )
+                    .await?;
+                let done = ShardDone {
+                    shard,
+                    counts,
+                    seen: seen.into_iter().collect(),
+                    unreadable,
+                };
+                store
+                    .put(
+                        bucket,
+                        &done_key,
+                        serde_json::to_vec(&done)?,
+                        "application/json",
+                        WriteCondition::Overwrite,
+                    )
+                    .await?;
+                counts
+            }
+        };
+    let finished = finish_shards(store, queue, config, batch, manifest, &plan).await?;
+    Ok(HarvestOutcome::ShardHarvested {
+        batch_id: batch.id.clone(),
+        shard,
+        counts,
+        finished,
+    })
+}
+
+/// When every shard is done: settles the items no shard saw, and marks the batch
+/// harvested (once: the state record moves with `If-Match`). `true` only for the call
+/// that moved it; `false` while shards remain, or when another finished it.
+async fn finish_shards<S: ObjectStore, Q: Queue>(
+    store: &S,
+    queue: &Q,
+    config: &HarvestConfig,
+    batch: &Batch,
+    manifest: &Manifest,
+    plan: &shards::ShardPlan,
+) -> Result<bool, HarvestError> {
+    let Some(done) = shards::all_done(store, config, plan).await? else {
+        return Ok(false);
+    };
+    let bucket = &config.bucket;
+    let record = read_json::<S, BatchRecord>(store, bucket, &state_keys::batch(&batch.id)).await?;
+    if let Some((record, _)) = &record
+        && record.phase == BatchPhase::Harvested
+    {
+        closed(store, bucket, &batch.id, manifest).await;
+        return Ok(false);
+    }
+    let task = task_ref(&config.task);
+    let records = TerminalRecords::new(store, &config.layout, &task);
+    let mut counts = HarvestCounts::default();
+    let mut seen = HashSet::new();
+    let mut unreadable = plan.unreadable.clone();
+    for shard in done {
+        counts.add(&shard.counts);
+        seen.extend(shard.seen);
+        unreadable.extend(shard.unreadable);
+    }
+    let mut run = BatchHarvest {
+        config,
+        records,
+        batch,
+        manifest,
+        seen,
+        counts: HarvestCounts::default(),
+        results: Vec::new(),
+        retries: Vec::new(),
+        unreadable,
+    };
+    run.settle_missing().await?;
+    let BatchHarvest {
+        counts: settled,
+        results,
+        retries,
+        ..
+    } = run;
+    counts.add(&settled);
+    let plan_key = state_keys::retries(&batch.id);
+    let (retried, failed) =
+        requeue(store, queue, config, records, &batch.id, &plan_key, retries).await?;
+    counts.retried += retried;
+    counts.failed += failed;
+    store
+        .put(
+            bucket,
+            &state_keys::results(&batch.id),
+            results,
+            "application/x-ndjson",
+            WriteCondition::Overwrite,
+        )
+        .await?;
+    let moved = finish_record(store, config, batch, manifest, record, counts).await?;
+    closed(store, bucket, &batch.id, manifest).await;
+    if moved {
+        tracing::info!(batch_id = %batch.id, shards = plan.shards.len(), labelled = counts.labelled,
+            retried = counts.retried, failed = counts.failed, duplicates = counts.duplicates,
+            "sharded batch harvested");
+    }
+    Ok(moved)
 }
 
 /// What reconciliation did.
@@ -192,6 +443,8 @@ pub struct ReconcileReport {
     pub open: usize,
     pub harvested: usize,
     pub still_running: usize,
+    /// Finished batches handed to shards on the harvest queue.
+    pub sharded: usize,
     pub skipped_young: usize,
     /// What the harvests it ran did, summed.
     pub counts: HarvestCounts,
@@ -229,6 +482,7 @@ pub async fn reconcile<S: ObjectStore, Q: Queue, P: BatchProvider>(
             batch_id: Some(batch_id.clone()),
             manifest: None,
             origin: "reconcile".into(),
+            shard: None,
         };
         match harvest(store, queue, provider, config, &request).await {
             Ok(HarvestOutcome::NotFinished { .. }) => report.still_running += 1,
@@ -237,6 +491,10 @@ pub async fn reconcile<S: ObjectStore, Q: Queue, P: BatchProvider>(
                 report.counts.add(&counts);
             }
             Ok(HarvestOutcome::AlreadyHarvested { .. }) => report.harvested += 1,
+            // Its shards are on the harvest queue; the last one finishes it.
+            Ok(HarvestOutcome::Sharded { .. } | HarvestOutcome::ShardHarvested { .. }) => {
+                report.sharded += 1;
+            }
             Err(e) => report.errors.push(format!("{batch_id}: {e}")),
         }
     }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ports::{ObjectStore, Queue, StoreError, WriteCondition};
-use crate::records::{PendingItem, state_keys};
+use crate::records::PendingItem;
 use crate::terminal::{FailedWrite, TerminalRecords, send_pending};
 
 use super::state::read_json;
@@ -26,11 +26,12 @@ pub(super) async fn requeue<S: ObjectStore, Q: Queue>(
     config: &HarvestConfig,
     records: TerminalRecords<'_, S>,
     batch_id: &str,
+    plan_key: &str,
     retries: Vec<PendingItem>,
 ) -> Result<(u64, u64), HarvestError> {
-    let (requeue, exhausted): (Vec<_>, Vec<_>) = retries
-        .into_iter()
-        .partition(|item| item.attempt <= config.max_retries);
+    let (requeue, exhausted): (Vec<_>, Vec<_>) = retries.into_iter().partition(|item| {
+        item.attempt <= config.max_retries && item.requeues <= config.max_requeues
+    });
     let mut failed = 0;
     for item in exhausted {
         if records.write_failed(item.source(), item.reasons).await? == FailedWrite::Written {
@@ -40,7 +41,7 @@ pub(super) async fn requeue<S: ObjectStore, Q: Queue>(
     if requeue.is_empty() {
         return Ok((0, failed));
     }
-    let key = state_keys::retries(batch_id);
+    let key = plan_key;
     let plan = RetryPlan {
         items: requeue,
         sent: false,
@@ -48,7 +49,7 @@ pub(super) async fn requeue<S: ObjectStore, Q: Queue>(
     let (plan, etag) = match store
         .put(
             &config.bucket,
-            &key,
+            key,
             serde_json::to_vec(&plan)?,
             "application/json",
             WriteCondition::IfAbsent,
@@ -58,7 +59,7 @@ pub(super) async fn requeue<S: ObjectStore, Q: Queue>(
         Ok(etag) => (plan, etag),
         Err(StoreError::ConditionFailed { .. }) => {
             let Some((earlier, etag)) =
-                read_json::<S, RetryPlan>(store, &config.bucket, &key).await?
+                read_json::<S, RetryPlan>(store, &config.bucket, key).await?
             else {
                 return Err(HarvestError::InProgress {
                     batch_id: batch_id.to_owned(),
@@ -80,7 +81,7 @@ pub(super) async fn requeue<S: ObjectStore, Q: Queue>(
     match store
         .put(
             &config.bucket,
-            &key,
+            key,
             serde_json::to_vec(&sent)?,
             "application/json",
             WriteCondition::IfMatch(etag),

@@ -57,7 +57,8 @@ pub(super) async fn remove_open_marker<S: ObjectStore>(store: &S, bucket: &str, 
 }
 
 /// Moves the state record to harvested, creating it if the submitter crashed before
-/// writing it. A lost race means another harvest finished the same batch: fine.
+/// writing it. A lost race means another harvest finished the same batch: fine. `true`
+/// when this call moved it.
 pub(super) async fn finish_record<S: ObjectStore>(
     store: &S,
     config: &HarvestConfig,
@@ -65,7 +66,7 @@ pub(super) async fn finish_record<S: ObjectStore>(
     manifest: &Manifest,
     record: Option<(BatchRecord, String)>,
     counts: HarvestCounts,
-) -> Result<(), HarvestError> {
+) -> Result<bool, HarvestError> {
     let (mut next, condition) = match record {
         Some((record, etag)) => (record, WriteCondition::IfMatch(etag)),
         None => (
@@ -102,7 +103,8 @@ pub(super) async fn finish_record<S: ObjectStore>(
         )
         .await
     {
-        Ok(_) | Err(StoreError::ConditionFailed { .. }) => Ok(()),
+        Ok(_) => Ok(true),
+        Err(StoreError::ConditionFailed { .. }) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

@@ -70,7 +70,9 @@ pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
         .await
         {
             Ok(outcome) => {
-                if let HarvestOutcome::Harvested { counts, .. } = &outcome {
+                if let HarvestOutcome::Harvested { counts, .. }
+                | HarvestOutcome::ShardHarvested { counts, .. } = &outcome
+                {
                     harvested.add(counts);
                 }
                 tracing::info!(

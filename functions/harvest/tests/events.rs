@@ -47,6 +47,8 @@ fn handler() -> anyhow::Result<MemoryHandler> {
             pending_queue_url: PENDING_QUEUE.into(),
             task: Arc::new(Task::default_task()?),
             max_retries: 3,
+            max_requeues: 10,
+            shards: None,
         },
     })
 }
@@ -144,6 +146,9 @@ async fn completed_batch(h: &MemoryHandler, names: &[&str]) -> anyhow::Result<St
         work_dir: work_dir.path().to_owned(),
         completion_window: "24h".into(),
         per_batch_webhook: None,
+        provider_limits: Default::default(),
+        slot_lease: std::time::Duration::from_secs(900),
+        max_requeues: 10,
     };
     let report = run_submit(&h.store, &h.queue, &h.provider, &submit).await?;
     ensure!(report.errors.is_empty(), "{:?}", report.errors);

@@ -1,4 +1,6 @@
-//! The submit handler: on each scheduled run, drain the pending queue into batches.
+//! The submit handler. On the schedule it reconciles open batches, then either starts
+//! workers through the work queue (when one is configured) or drains the pending queue
+//! itself. On a work-queue event it is one worker: it drains the pending queue into batches.
 
 use std::time::Duration;
 
@@ -6,6 +8,7 @@ use shotlabel_aws::{
     S3Store, SqsQueue, batch_client, load_sdk_config, resolve_secret, s3_client_with, sqs_client,
 };
 use shotlabel_batch_client::BatchClient;
+use shotlabel_core::dispatch::{DispatchConfig, DispatchReport, dispatch};
 use shotlabel_core::harvest::{HarvestConfig, ReconcileReport, reconcile};
 use shotlabel_core::ports::{BatchProvider, ObjectStore, Queue};
 use shotlabel_core::settings::{FunctionSettings, SubmitSettings, WebhookMode};
@@ -21,6 +24,8 @@ pub struct Handler<S, Q, P> {
     pub harvest: HarvestConfig,
     /// Open batches younger than this are left to their webhook.
     pub reconcile_min_age: Duration,
+    /// The fan-out to workers; `None`: the scheduled run submits itself.
+    pub dispatch: Option<DispatchConfig>,
 }
 
 impl Handler<S3Store, SqsQueue, BatchClient> {
@@ -48,22 +53,100 @@ impl Handler<S3Store, SqsQueue, BatchClient> {
             config: settings.config(webhook_secret)?,
             harvest: settings.harvest.config()?,
             reconcile_min_age: settings.reconcile_min_age(),
+            dispatch: settings.dispatch(),
         })
     }
 }
 
-/// What one scheduled run did: reconcile open batches, then submit new ones.
-#[derive(Debug, Clone, serde::Serialize)]
+/// What one invocation did: a scheduled run reconciles, then dispatches workers or
+/// submits; a worker only submits.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RunReport {
     pub reconcile: ReconcileReport,
+    /// Workers started, when the run fans out.
+    pub dispatch: Option<DispatchReport>,
     pub submit: SubmitReport,
 }
 
-/// Handles one scheduled run (the event's content does not matter). Errors after the
-/// run has done what it could, so that they show in the function's error metric.
+/// True for the work queue's event (SQS records), false for the schedule's.
+fn is_work_ticket(event: &serde_json::Value) -> bool {
+    event
+        .get("Records")
+        .and_then(serde_json::Value::as_array)
+        .and_then(|records| records.first())
+        .and_then(|record| record.get("eventSource"))
+        .is_some_and(|source| source == "aws:sqs")
+}
+
+/// Handles one invocation: a work ticket makes this a worker, anything else is the
+/// schedule. Errors after the run has done what it could, so that they show in the
+/// function's error metric.
 pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
     handler: &Handler<S, Q, P>,
-    _event: serde_json::Value,
+    event: serde_json::Value,
+) -> Result<RunReport, lambda_runtime::Error> {
+    if is_work_ticket(&event) {
+        return work(handler).await;
+    }
+    scheduled(handler).await
+}
+
+/// One worker: drain the pending queue into batches.
+async fn work<S: ObjectStore, Q: Queue, P: BatchProvider>(
+    handler: &Handler<S, Q, P>,
+) -> Result<RunReport, lambda_runtime::Error> {
+    let report = run_submit(
+        &handler.store,
+        &handler.queue,
+        &handler.provider,
+        &handler.config,
+    )
+    .await?;
+    log_submit(&report, "submit worker finished");
+    shotlabel_aws::metrics::emit("submit", &submit_metrics(&report, None));
+    if let Some(first) = report.errors.first() {
+        return Err(format!(
+            "{} error(s) in this run; the first: {first}",
+            report.errors.len()
+        )
+        .into());
+    }
+    Ok(RunReport {
+        submit: report,
+        ..RunReport::default()
+    })
+}
+
+fn log_submit(report: &SubmitReport, message: &str) {
+    tracing::info!(
+        submission = %report.submission_id,
+        received = report.received,
+        prepared = report.prepared,
+        failed = report.failed,
+        superseded = report.superseded,
+        deferred = report.deferred,
+        batches = report.batches.len(),
+        unsubmitted = report.unsubmitted,
+        held_back = report.held_back,
+        "{message}"
+    );
+}
+
+fn submit_metrics(
+    report: &SubmitReport,
+    reconcile: Option<&ReconcileReport>,
+) -> shotlabel_core::metrics::Counts {
+    let mut metrics = reconcile.map(|r| r.counts.metrics()).unwrap_or_default();
+    metrics.images_prepared = report.prepared as u64;
+    metrics.images_submitted = report.batches.iter().map(|b| b.requests).sum();
+    metrics.images_failed += report.failed as u64;
+    metrics.batches_submitted = report.batches.len() as u64;
+    metrics
+}
+
+/// The scheduled run: reconcile open batches, then start workers or submit.
+async fn scheduled<S: ObjectStore, Q: Queue, P: BatchProvider>(
+    handler: &Handler<S, Q, P>,
 ) -> Result<RunReport, lambda_runtime::Error> {
     // Reconcile first: a batch that finished without a webhook is harvested, and its
     // retries are on the queue in time for this run to submit them.
@@ -82,38 +165,41 @@ pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
             ..ReconcileReport::default()
         },
     };
-    let report = run_submit(
-        &handler.store,
-        &handler.queue,
-        &handler.provider,
-        &handler.config,
-    )
-    .await?;
+    let mut errors: Vec<String> = reconcile.errors.clone();
+    let (dispatched, report) = match &handler.dispatch {
+        Some(config) => match dispatch(&handler.queue, config).await {
+            Ok(report) => (Some(report), SubmitReport::default()),
+            Err(e) => {
+                errors.push(format!("starting submit workers: {e}"));
+                (None, SubmitReport::default())
+            }
+        },
+        None => {
+            let report = run_submit(
+                &handler.store,
+                &handler.queue,
+                &handler.provider,
+                &handler.config,
+            )
+            .await?;
+            log_submit(&report, "scheduled submit finished");
+            errors.extend(report.errors.iter().cloned());
+            (None, report)
+        }
+    };
     tracing::info!(
         open_batches = reconcile.open,
         harvested = reconcile.harvested,
-        submission = %report.submission_id,
-        received = report.received,
-        prepared = report.prepared,
-        failed = report.failed,
-        superseded = report.superseded,
-        deferred = report.deferred,
-        batches = report.batches.len(),
-        unsubmitted = report.unsubmitted,
+        workers_started = dispatched.as_ref().map_or(0, |d| d.started),
         "scheduled run finished"
     );
-    let mut metrics = reconcile.counts.metrics();
-    metrics.images_prepared = report.prepared as u64;
-    metrics.images_submitted = report.batches.iter().map(|b| b.requests).sum();
-    metrics.images_failed += report.failed as u64;
-    metrics.batches_submitted = report.batches.len() as u64;
-    shotlabel_aws::metrics::emit("submit", &metrics);
-    let errors: Vec<&String> = reconcile.errors.iter().chain(&report.errors).collect();
+    shotlabel_aws::metrics::emit("submit", &submit_metrics(&report, Some(&reconcile)));
     if let Some(first) = errors.first() {
         return Err(format!("{} error(s) in this run; the first: {first}", errors.len()).into());
     }
     Ok(RunReport {
         reconcile,
+        dispatch: dispatched,
         submit: report,
     })
 }

@@ -109,6 +109,7 @@ async fn a_signed_function_url_post_queues_a_harvest() -> anyhow::Result<()> {
             batch_id: Some(FIXTURE_BATCH.into()),
             manifest: None,
             origin: "webhook".into(),
+            shard: None,
         }]
     );
 
@@ -175,6 +176,7 @@ async fn a_per_batch_url_post_queues_the_manifest() -> anyhow::Result<()> {
             batch_id: Some(FIXTURE_PER_BATCH_ID.into()),
             manifest: Some(FIXTURE_MANIFEST.into()),
             origin: "webhook".into(),
+            shard: None,
         }]
     );
 

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use crate::answer::{AnswerContext, Outcome, answer_request, error_line};
 use crate::prng::{Prng, draw};
 use crate::state::{AppState, Counters, Progress, Status, lock, unix_now};
-use crate::validate::validate_input;
+use crate::validate::{BatchErrorEntry, validate_input};
 use crate::webhook;
 
 /// Starts the timeline task for a freshly created batch.
@@ -72,10 +72,26 @@ async fn run(
         return;
     }
     let (max_requests, max_bytes) = (cfg.max_requests, cfg.max_file_bytes);
-    let validated = tokio::task::spawn_blocking(move || {
-        validate_input(&input, &endpoint, max_requests, max_bytes)
-    })
-    .await;
+    let enqueued_limit = state.faults().enqueued_limit;
+    let refused = enqueued_limit > 0.0
+        && draw(&[b"enqueued", &cfg.seed.to_le_bytes(), &seq.to_le_bytes()]) < enqueued_limit;
+    let validated = if refused {
+        state.counters.fault("enqueued_limit");
+        Ok(Err(vec![BatchErrorEntry {
+            code: "token_limit_exceeded",
+            message: "Enqueued token limit reached for the model in this organization. \
+                      Please try again once some in_progress batches have been completed \
+                      (injected by the batch emulator)."
+                .to_owned(),
+            param: None,
+            line: None,
+        }]))
+    } else {
+        tokio::task::spawn_blocking(move || {
+            validate_input(&input, &endpoint, max_requests, max_bytes)
+        })
+        .await
+    };
     let validated = match validated {
         Ok(Ok(v)) => v,
         Ok(Err(errors)) => {

@@ -55,6 +55,12 @@ pub struct FaultSettings {
     pub http_500: f64,
     /// Batches that expire with only part of their requests done.
     pub expire: f64,
+    /// Batches failed whole at validation with `token_limit_exceeded`, as OpenAI fails a
+    /// batch when the organisation's enqueued-token limit is reached.
+    pub enqueued_limit: f64,
+    /// The shortest time between two file uploads; a sooner upload is answered 429 with
+    /// `Retry-After` (Inference.net allows one batch-file upload a minute). 0: no limit.
+    pub upload_interval_ms: u64,
     /// Webhook deliveries silently dropped.
     pub webhook_drop: f64,
     /// Webhook deliveries sent twice with the same delivery id.
@@ -76,6 +82,7 @@ impl FaultSettings {
             ("http_429", self.http_429),
             ("http_500", self.http_500),
             ("expire", self.expire),
+            ("enqueued_limit", self.enqueued_limit),
             ("webhook_drop", self.webhook_drop),
             ("webhook_duplicate", self.webhook_duplicate),
         ];

@@ -88,6 +88,12 @@ struct Args {
     /// Fraction of batches that expire with half their requests done.
     #[arg(long, default_value_t = 0.0)]
     fault_expire: f64,
+    /// Fraction of batches failed whole with `token_limit_exceeded` (the enqueued limit).
+    #[arg(long, default_value_t = 0.0)]
+    fault_enqueued_limit: f64,
+    /// Shortest time between two uploads; sooner ones get 429 with Retry-After (0: none).
+    #[arg(long, default_value_t = 0)]
+    fault_upload_interval_ms: u64,
     /// Fraction of webhook deliveries silently dropped.
     #[arg(long, default_value_t = 0.0)]
     fault_webhook_drop: f64,
@@ -133,6 +139,8 @@ impl Args {
                 http_429: self.fault_http_429,
                 http_500: self.fault_http_500,
                 expire: self.fault_expire,
+                enqueued_limit: self.fault_enqueued_limit,
+                upload_interval_ms: self.fault_upload_interval_ms,
                 webhook_drop: self.fault_webhook_drop,
                 webhook_duplicate: self.fault_webhook_duplicate,
                 webhook_delay_ms: self.fault_webhook_delay_ms,

@@ -147,6 +147,7 @@ pub async fn spawn(config: EmulatorConfig) -> Result<RunningEmulator, Error> {
         http,
         token: CancellationToken::new(),
         webhook_keys,
+        last_upload: std::sync::Mutex::new(None),
         cfg: config,
     });
     let app = router(Arc::clone(&state), body_limit);
@@ -301,10 +302,39 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
+/// The upload rate limit: one upload per `upload_interval_ms`, a sooner one refused with
+/// 429 and the wait in `Retry-After`.
+fn upload_turn(state: &AppState) -> Result<(), ApiError> {
+    let interval = std::time::Duration::from_millis(state.faults().upload_interval_ms);
+    if interval.is_zero() {
+        return Ok(());
+    }
+    let mut last = lock(&state.last_upload);
+    let now = std::time::Instant::now();
+    if let Some(at) = *last {
+        let next = at + interval;
+        if now < next {
+            state.counters.fault("upload_429");
+            let mut error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                "Batch file uploads are limited; retry after the given delay (the batch emulator's upload limit).",
+            );
+            // The wait left, in `retry-after-ms` and (whole seconds) `Retry-After`.
+            error.retry_after_ms = Some((next - now).as_millis() as u64 + 1);
+            return Err(error);
+        }
+    }
+    *last = Some(now);
+    Ok(())
+}
+
 async fn upload_file(
     State(state): State<Shared>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> ApiResult {
+    upload_turn(&state)?;
     let limit = state.cfg.max_file_bytes;
     let mut multipart = multipart.map_err(|e| {
         ApiError::invalid(

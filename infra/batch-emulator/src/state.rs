@@ -205,7 +205,7 @@ pub struct Counters {
 }
 
 /// Every fault kind, so stats list zeros too.
-pub const FAULT_KINDS: [&str; 11] = [
+pub const FAULT_KINDS: [&str; 13] = [
     "error_line",
     "non_json",
     "schema_break",
@@ -213,6 +213,8 @@ pub const FAULT_KINDS: [&str; 11] = [
     "http_429",
     "http_500",
     "expire",
+    "enqueued_limit",
+    "upload_429",
     "webhook_drop",
     "webhook_duplicate",
     "webhook_delay",
@@ -290,6 +292,8 @@ pub struct AppState {
     pub token: CancellationToken,
     /// Decoded webhook signing keys.
     pub webhook_keys: Vec<Vec<u8>>,
+    /// When the latest upload was accepted (the upload rate limit).
+    pub last_upload: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -38,8 +38,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shotlabel_core::batch_api::{Batch, BatchApiError, CreateBatchRequest, FileObject};
 use shotlabel_core::ports::{
-    BatchProvider, LineReader, ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueError,
-    ReceivedMessage, StoreError, StoredObject, WriteCondition,
+    BatchProvider, LineReader, ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueDepth,
+    QueueError, ReceivedMessage, StoreError, StoredObject, WriteCondition,
 };
 use tokio::sync::Notify;
 
@@ -449,6 +449,36 @@ impl<T: ObjectStore> ObjectStore for Chaotic<T> {
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
         step("store.list", self.0.list(bucket, prefix), StoreError::Other).await
     }
+
+    async fn get_range(
+        &self,
+        bucket: &str,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        step(
+            "store.get_range",
+            self.0.get_range(bucket, key, start, end),
+            StoreError::Other,
+        )
+        .await
+    }
+
+    async fn put_file(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &Path,
+        content_type: &str,
+    ) -> Result<String, StoreError> {
+        step(
+            "store.put_file",
+            self.0.put_file(bucket, key, path, content_type),
+            StoreError::Other,
+        )
+        .await
+    }
 }
 
 impl<T: Queue> Queue for Chaotic<T> {
@@ -498,6 +528,10 @@ impl<T: Queue> Queue for Chaotic<T> {
             invocation.chaos.redeliver(queue_url, &taken).await;
         }
         Ok(received)
+    }
+
+    async fn depth(&self, queue_url: &str) -> Result<QueueDepth, QueueError> {
+        step("queue.depth", self.0.depth(queue_url), QueueError::Other).await
     }
 
     async fn delete_batch(

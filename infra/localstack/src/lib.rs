@@ -184,7 +184,7 @@ pub struct QueueSpec {
 }
 
 /// The queues `template.yaml` declares. A test holds the template to this list.
-pub const QUEUES: [QueueSpec; 2] = [
+pub const QUEUES: [QueueSpec; 3] = [
     QueueSpec {
         logical_id: "PendingQueue",
         dead_letter_logical_id: "PendingDeadLetterQueue",
@@ -199,6 +199,15 @@ pub const QUEUES: [QueueSpec; 2] = [
         // consumed by a Lambda event source mapping.
         visibility_timeout: 5400,
         max_receive_count: 5,
+    },
+    QueueSpec {
+        logical_id: "SubmitWorkQueue",
+        dead_letter_logical_id: "SubmitWorkDeadLetterQueue",
+        // Six times the submit function's 900 s timeout (an event source mapping). A
+        // ticket carries no data: one that fails twice is dropped to its dead-letter
+        // queue, and the next scheduled run dispatches again.
+        visibility_timeout: 5400,
+        max_receive_count: 2,
     },
 ];
 
@@ -216,6 +225,9 @@ pub struct LocalResources {
     pub pending_dead_letter_queue_url: String,
     pub harvest_queue_url: String,
     pub harvest_dead_letter_queue_url: String,
+    /// Work tickets for the submit workers.
+    pub submit_work_queue_url: String,
+    pub submit_work_dead_letter_queue_url: String,
 }
 
 /// Creates the template's bucket and queues (each with its dead-letter queue and redrive
@@ -284,12 +296,16 @@ pub async fn create_resources(
     let mut urls = urls.into_iter();
     let (pending_queue_url, pending_dead_letter_queue_url) = urls.next().unwrap_or_default();
     let (harvest_queue_url, harvest_dead_letter_queue_url) = urls.next().unwrap_or_default();
+    let (submit_work_queue_url, submit_work_dead_letter_queue_url) =
+        urls.next().unwrap_or_default();
     Ok(LocalResources {
         bucket,
         pending_queue_url,
         pending_dead_letter_queue_url,
         harvest_queue_url,
         harvest_dead_letter_queue_url,
+        submit_work_queue_url,
+        submit_work_dead_letter_queue_url,
     })
 }
 

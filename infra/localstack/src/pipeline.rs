@@ -27,6 +27,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use shotlabel_aws::{S3Store, SqsQueue};
 use shotlabel_batch_client::{BatchApiConfig, BatchClient, RetryPolicy};
+use shotlabel_core::metered::{Metered, RequestCounts, RequestSnapshot};
 use shotlabel_core::ports::ObjectStore;
 use shotlabel_core::records::TaskRef;
 use shotlabel_core::request::BatchLimits;
@@ -72,6 +73,16 @@ pub struct PipelineOptions {
     pub emulator_delays_ms: (u64, u64, u64),
     /// Harvest-queue invocations run at once (Lambda runs several).
     pub harvest_concurrency: usize,
+    /// Submit workers at once. 0: no fan-out, the scheduled run submits itself; more:
+    /// the scheduled run dispatches up to this many workers through the work queue, which
+    /// run as concurrent tasks (as the template's event source mapping runs Lambdas).
+    pub submit_workers: usize,
+    /// The provider's limits, as the submit function's settings.
+    pub max_open_batches: u32,
+    pub upload_interval: Duration,
+    /// Batches of more requests than this are harvested in shards through the harvest
+    /// queue (`None`: in one run).
+    pub harvest_shard_requests: Option<usize>,
     /// Crashes, redeliveries and duplicate events injected into the functions (see
     /// [`crate::chaos`]); off by default.
     pub chaos: Option<ChaosOptions>,
@@ -94,6 +105,10 @@ impl PipelineOptions {
             reconcile_min_age: Duration::from_secs(30),
             emulator_delays_ms: (200, 800, 200),
             harvest_concurrency: 1,
+            submit_workers: 0,
+            max_open_batches: 0,
+            upload_interval: Duration::ZERO,
+            harvest_shard_requests: None,
             chaos: None,
         }
     }
@@ -119,6 +134,93 @@ pub struct RunnerStats {
     pub webhook_requests: AtomicU64,
     pub harvest_messages: AtomicU64,
     pub handler_errors: AtomicU64,
+    /// Every submit worker invocation that returned, in the order they ended.
+    pub worker_runs: std::sync::Mutex<Vec<WorkerRun>>,
+    /// Handler invocations and their wall time, by function.
+    pub busy: FunctionTimes,
+}
+
+/// Invocations and wall time of one function's handler. Summed wall time is what Lambda
+/// bills as duration; locally the handlers share this machine's cores, so it runs longer
+/// than it would on Lambda, where each invocation has its own CPU share.
+#[derive(Debug, Default)]
+pub struct FunctionMeter {
+    invocations: AtomicU64,
+    busy_micros: AtomicU64,
+}
+
+impl FunctionMeter {
+    fn record(&self, took: Duration) {
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.busy_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    pub fn invocations(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
+    }
+
+    /// The invocations' wall time, summed ("Lambda-seconds").
+    pub fn busy(&self) -> Duration {
+        Duration::from_micros(self.busy_micros.load(Ordering::Relaxed))
+    }
+}
+
+/// Port calls by function.
+#[derive(Debug, Default)]
+struct FunctionRequests {
+    enqueue: RequestCounts,
+    submit: RequestCounts,
+    webhook: RequestCounts,
+    harvest: RequestCounts,
+}
+
+/// [`FunctionMeter`]s by function; the submit function's scheduled runs and its workers
+/// apart.
+#[derive(Debug, Default)]
+pub struct FunctionTimes {
+    pub enqueue: FunctionMeter,
+    pub submit_scheduled: FunctionMeter,
+    pub submit_worker: FunctionMeter,
+    pub webhook: FunctionMeter,
+    pub harvest: FunctionMeter,
+}
+
+impl FunctionTimes {
+    /// (name, invocations, busy time) of each, in pipeline order.
+    pub fn rows(&self) -> [(&'static str, u64, Duration); 5] {
+        [
+            ("enqueue", &self.enqueue),
+            ("submit (scheduled)", &self.submit_scheduled),
+            ("submit (worker)", &self.submit_worker),
+            ("webhook", &self.webhook),
+            ("harvest", &self.harvest),
+        ]
+        .map(|(name, meter)| (name, meter.invocations(), meter.busy()))
+    }
+}
+
+/// When one submit worker ran and what it took.
+#[derive(Debug, Clone)]
+pub struct WorkerRun {
+    pub started: std::time::Instant,
+    pub ended: std::time::Instant,
+    /// Pending messages it received.
+    pub received: usize,
+    /// Images it prepared into request lines.
+    pub prepared: usize,
+    /// Batches it created.
+    pub batches: usize,
+}
+
+impl RunnerStats {
+    /// The worker runs so far.
+    pub fn worker_runs(&self) -> Vec<WorkerRun> {
+        self.worker_runs
+            .lock()
+            .map(|runs| runs.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// A running local pipeline. Dropping it stops the runners, the emulator and moto.
@@ -131,6 +233,8 @@ pub struct LocalPipeline {
     /// The queue S3 notifications go to before the enqueue runner hands them over.
     pub events_queue_url: String,
     pub stats: Arc<RunnerStats>,
+    /// Every call the functions made through their ports.
+    requests: FunctionRequests,
     chaos: Option<Arc<Chaos>>,
     emulator: Option<RunningEmulator>,
     runners: Vec<JoinHandle<()>>,
@@ -145,10 +249,11 @@ impl Drop for LocalPipeline {
     }
 }
 
-// The ports are wrapped for fault injection, which does nothing unless chaos is on.
-type Store = Chaotic<S3Store>;
-type Sqs = Chaotic<SqsQueue>;
-type Provider = Chaotic<BatchClient>;
+// The ports are wrapped for fault injection, which does nothing unless chaos is on, and
+// counted inside it, so that a call chaos fails before it is made is not counted.
+type Store = Chaotic<Metered<S3Store>>;
+type Sqs = Chaotic<Metered<SqsQueue>>;
+type Provider = Chaotic<Metered<BatchClient>>;
 type Enqueue = enqueue::Handler<Store, Sqs>;
 type Submit = submit::Handler<Store, Sqs, Provider>;
 type Webhook = webhook::Handler<Store, Sqs>;
@@ -201,10 +306,22 @@ impl LocalPipeline {
                 max_retry_after: Duration::from_secs(1),
             };
         }
-        let provider = Chaotic(BatchClient::new(api).map_err(start_error)?);
-
-        let store = Chaotic(S3Store::new(crate::s3_client(&sdk)));
-        let queue = Chaotic(SqsQueue::new(sqs_client(&sdk)));
+        // Each function gets ports of its own that count into its own `RequestCounts`,
+        // so that a run's requests can be told apart by function.
+        let requests = FunctionRequests::default();
+        let batch_client = BatchClient::new(api).map_err(start_error)?;
+        let (s3, sqs_ports) = (crate::s3_client(&sdk), sqs_client(&sdk));
+        let provider =
+            |counts: &RequestCounts| Chaotic(Metered::new(batch_client.clone(), counts.clone()));
+        let store = |counts: &RequestCounts| {
+            Chaotic(Metered::new(S3Store::new(s3.clone()), counts.clone()))
+        };
+        let queue = |counts: &RequestCounts| {
+            Chaotic(Metered::new(
+                SqsQueue::new(sqs_ports.clone()),
+                counts.clone(),
+            ))
+        };
 
         // Each function is configured through its settings type from the variables a
         // deployment would set, so local runs and AWS read the same settings the same way.
@@ -224,6 +341,23 @@ impl LocalPipeline {
         }
         .as_secs()
         .to_string();
+        let max_workers = options.submit_workers.to_string();
+        let max_open_batches = options.max_open_batches.to_string();
+        let upload_interval = options.upload_interval.as_secs_f64().to_string();
+        let work_queue = if options.submit_workers > 0 {
+            resources.submit_work_queue_url.as_str()
+        } else {
+            ""
+        };
+        let shard_requests = options
+            .harvest_shard_requests
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        let shard_queue = if options.harvest_shard_requests.is_some() {
+            resources.harvest_queue_url.as_str()
+        } else {
+            ""
+        };
         let work_dir = std::env::temp_dir().join(format!("{}-work", options.stack_name));
         let work_dir = work_dir.to_string_lossy();
         let bucket = resources.bucket.as_str();
@@ -241,8 +375,8 @@ impl LocalPipeline {
             version: options.task.version().to_owned(),
         };
         let enqueue_handler = Enqueue {
-            store: store.clone(),
-            queue: queue.clone(),
+            store: store(&requests.enqueue),
+            queue: queue(&requests.enqueue),
             config: enqueue_config,
         };
 
@@ -252,6 +386,9 @@ impl LocalPipeline {
             ("SHOTLABEL_INPUT_PREFIX", prefix),
             ("SHOTLABEL_MAX_RETRIES", max_retries.as_str()),
             ("SHOTLABEL_PROVIDER_URL", base_url.as_str()),
+            // Empty (unset) without sharding.
+            ("SHOTLABEL_HARVEST_QUEUE_URL", shard_queue),
+            ("SHOTLABEL_HARVEST_SHARD_REQUESTS", shard_requests.as_str()),
         ])
         .map_err(start_error)?;
         let mut harvest = harvest_settings.harvest.config().map_err(start_error)?;
@@ -276,6 +413,17 @@ impl LocalPipeline {
                 "SHOTLABEL_RECONCILE_MIN_AGE_SECONDS",
                 reconcile_min_age.as_str(),
             ),
+            // Empty (unset) without fan-out.
+            ("SHOTLABEL_SUBMIT_WORK_QUEUE_URL", work_queue),
+            ("SHOTLABEL_MAX_SUBMIT_WORKERS", max_workers.as_str()),
+            ("SHOTLABEL_MAX_OPEN_BATCHES", max_open_batches.as_str()),
+            (
+                "SHOTLABEL_UPLOAD_INTERVAL_SECONDS",
+                upload_interval.as_str(),
+            ),
+            // Longer than the 30 s budget, short enough that a crashed worker's slot
+            // comes back within a chaos soak.
+            ("SHOTLABEL_SLOT_LEASE_SECONDS", "45"),
         ])
         .map_err(start_error)?;
         let mut submit_config = submit_settings
@@ -283,12 +431,13 @@ impl LocalPipeline {
             .map_err(start_error)?;
         submit_config.task = options.task.clone();
         let submit_handler = Submit {
-            store: store.clone(),
-            queue: queue.clone(),
-            provider: provider.clone(),
+            store: store(&requests.submit),
+            queue: queue(&requests.submit),
+            provider: provider(&requests.submit),
             config: submit_config,
             harvest: harvest.clone(),
             reconcile_min_age: submit_settings.reconcile_min_age(),
+            dispatch: submit_settings.dispatch(),
         };
 
         let receiver_settings = ReceiverSettings::from_vars([
@@ -301,16 +450,16 @@ impl LocalPipeline {
         ])
         .map_err(start_error)?;
         let webhook_handler = Webhook {
-            store: store.clone(),
-            queue: queue.clone(),
+            store: store(&requests.webhook),
+            queue: queue(&requests.webhook),
             webhook: receiver_settings
                 .config(Some(secret.clone()))
                 .map_err(start_error)?,
         };
         let harvest_handler = Harvest {
-            store: store.clone(),
-            queue: queue.clone(),
-            provider,
+            store: store(&requests.harvest),
+            queue: queue(&requests.harvest),
+            provider: provider(&requests.harvest),
             harvest,
         };
 
@@ -322,7 +471,8 @@ impl LocalPipeline {
             .map(|chaos| Chaos::new(chaos, sqs.clone()));
         let webhook_handler = Arc::new(webhook_handler);
         let harvest_handler = Arc::new(harvest_handler);
-        let runners = vec![
+        let submit_handler = Arc::new(submit_handler);
+        let mut runners = vec![
             tokio::spawn(object_events(
                 sqs.clone(),
                 events_url.clone(),
@@ -331,7 +481,7 @@ impl LocalPipeline {
                 chaos.clone(),
             )),
             tokio::spawn(schedule(
-                submit_handler,
+                submit_handler.clone(),
                 options.submit_every,
                 stats.clone(),
                 chaos.clone(),
@@ -352,6 +502,18 @@ impl LocalPipeline {
                 options.harvest_concurrency,
             )),
         ];
+        if options.submit_workers > 0 {
+            runners.push(tokio::spawn(submit_workers(
+                WorkerRunner {
+                    sqs: sqs_client(&sdk),
+                    queue_url: resources.submit_work_queue_url.clone(),
+                    handler: submit_handler,
+                    stats: stats.clone(),
+                    chaos: chaos.clone(),
+                },
+                options.submit_workers,
+            )));
+        }
         Ok(Self {
             resources,
             sdk,
@@ -359,6 +521,7 @@ impl LocalPipeline {
             provider_url: base_url,
             events_queue_url: events_url,
             stats,
+            requests,
             chaos,
             emulator,
             runners,
@@ -368,6 +531,29 @@ impl LocalPipeline {
 
     pub fn endpoint(&self) -> &str {
         self.moto.endpoint()
+    }
+
+    /// The calls the functions made through their ports so far, by kind (the observers'
+    /// own calls, [`Self::store`] and [`Self::terminal_count`], are not among them, nor
+    /// the runners' own receives and deletes, which stand in for Lambda's event sources).
+    pub fn request_counts(&self) -> RequestSnapshot {
+        self.request_counts_by_function()
+            .iter()
+            .fold(RequestSnapshot::default(), |sum, (_, counts)| {
+                sum.plus(counts)
+            })
+    }
+
+    /// [`Self::request_counts`] by function; the submit function's include the harvests
+    /// its reconciliation does.
+    pub fn request_counts_by_function(&self) -> [(&'static str, RequestSnapshot); 4] {
+        let r = &self.requests;
+        [
+            ("enqueue", r.enqueue.snapshot()),
+            ("submit", r.submit.snapshot()),
+            ("webhook", r.webhook.snapshot()),
+            ("harvest", r.harvest.snapshot()),
+        ]
     }
 
     /// What the fault injector did, when chaos is on.
@@ -422,9 +608,22 @@ fn random_whsec() -> SecretString {
     ))
 }
 
-/// Runs one handler call, as an invocation under chaos when it is on. `None` when the
-/// process was killed.
+/// Runs one handler call, as an invocation under chaos when it is on, and adds its wall
+/// time to `meter` (a killed invocation's too: Lambda bills it up to the kill). `None`
+/// when the process was killed.
 async fn invoke<F: std::future::Future>(
+    chaos: Option<&Arc<Chaos>>,
+    function: Function,
+    meter: &FunctionMeter,
+    call: F,
+) -> (Option<F::Output>, Option<Arc<Invocation>>) {
+    let started = std::time::Instant::now();
+    let result = invoke_untimed(chaos, function, call).await;
+    meter.record(started.elapsed());
+    result
+}
+
+async fn invoke_untimed<F: std::future::Future>(
     chaos: Option<&Arc<Chaos>>,
     function: Function,
     call: F,
@@ -528,6 +727,7 @@ impl EventRunner {
                 let (outcome, invocation) = invoke(
                     chaos.as_ref(),
                     Function::Enqueue,
+                    &stats.busy.enqueue,
                     enqueue::handle(&self.handler, event),
                 )
                 .await;
@@ -562,7 +762,7 @@ impl EventRunner {
 
 /// EventBridge → submit, on a fixed rate.
 async fn schedule(
-    handler: Submit,
+    handler: Arc<Submit>,
     every: Duration,
     stats: Arc<RunnerStats>,
     chaos: Option<Arc<Chaos>>,
@@ -586,6 +786,7 @@ async fn schedule(
         let (outcome, invocation) = invoke(
             chaos.as_ref(),
             Function::Submit,
+            &stats.busy.submit_scheduled,
             submit::handle(&handler, event),
         )
         .await;
@@ -593,12 +794,136 @@ async fn schedule(
             stats.handler_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "scheduled submit run reported errors");
         }
-        if let (Some(chaos), Some(invocation)) = (&chaos, invocation) {
-            let url = &handler.config.pending_queue_url;
-            let left = invocation.held(url);
-            if !left.is_empty() {
-                chaos.release(url, &left, invocation.crashed()).await;
+        release_held(
+            chaos.as_ref(),
+            invocation,
+            &handler.config.pending_queue_url,
+        )
+        .await;
+    }
+}
+
+/// Under chaos, the pending messages a submit invocation still held go back as its
+/// crash or its end leaves them.
+async fn release_held(chaos: Option<&Arc<Chaos>>, invocation: Option<Arc<Invocation>>, url: &str) {
+    if let (Some(chaos), Some(invocation)) = (chaos, invocation) {
+        let left = invocation.held(url);
+        if !left.is_empty() {
+            chaos.release(url, &left, invocation.crashed()).await;
+        }
+    }
+}
+
+/// What the submit workers' runner works with.
+#[derive(Clone)]
+struct WorkerRunner {
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+    handler: Arc<Submit>,
+    stats: Arc<RunnerStats>,
+    chaos: Option<Arc<Chaos>>,
+}
+
+/// Work queue → submit workers: the template's event source mapping with batch size 1
+/// and `MaximumConcurrency` = `workers`. Each ticket is one worker invocation, run as a
+/// concurrent task; a ticket whose worker failed comes back, as Lambda retries it.
+async fn submit_workers(runner: WorkerRunner, workers: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(workers.max(1)));
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while running.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let received = runner
+            .sqs
+            .receive_message()
+            .queue_url(&runner.queue_url)
+            .max_number_of_messages(1)
+            .wait_time_seconds(1)
+            .visibility_timeout(120)
+            .send()
+            .await;
+        let message = match received {
+            Ok(output) => output.messages.unwrap_or_default().into_iter().next(),
+            Err(e) => {
+                tracing::warn!(error = %e, "receiving work tickets");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
             }
+        };
+        let Some(message) = message else {
+            continue;
+        };
+        let runner = runner.clone();
+        running.spawn(async move {
+            runner.invocation(message).await;
+            drop(slot);
+        });
+    }
+}
+
+impl WorkerRunner {
+    async fn invocation(&self, message: aws_sdk_sqs::types::Message) {
+        self.stats.submit_runs.fetch_add(1, Ordering::Relaxed);
+        let mut record = SqsMessage::default();
+        record.message_id = message.message_id.clone();
+        record.receipt_handle = message.receipt_handle.clone();
+        record.body = message.body.clone();
+        record.event_source = Some("aws:sqs".into());
+        record.event_source_arn = Some(format!(
+            "arn:aws:sqs:us-east-1:000000000000:{}",
+            queue_name(&self.queue_url)
+        ));
+        record.aws_region = Some("us-east-1".into());
+        let mut event = SqsEvent::default();
+        event.records.push(record);
+        let event = serde_json::to_value(&event).unwrap_or_default();
+        let started = std::time::Instant::now();
+        let (outcome, invocation) = invoke(
+            self.chaos.as_ref(),
+            Function::Submit,
+            &self.stats.busy.submit_worker,
+            submit::handle(&self.handler, event),
+        )
+        .await;
+        if let Some(Ok(report)) = &outcome
+            && let Ok(mut runs) = self.stats.worker_runs.lock()
+        {
+            runs.push(WorkerRun {
+                started,
+                ended: std::time::Instant::now(),
+                received: report.submit.received,
+                prepared: report.submit.prepared,
+                batches: report.submit.batches.len(),
+            });
+        }
+        let done = match outcome {
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
+                self.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "a submit worker reported errors");
+                false
+            }
+            None => false,
+        };
+        release_held(
+            self.chaos.as_ref(),
+            invocation,
+            &self.handler.config.pending_queue_url,
+        )
+        .await;
+        // A failed worker's ticket is not retried here: the next scheduled run dispatches
+        // again, which is what the dead-letter queue after two receives comes to on AWS.
+        let _ = done;
+        if let Some(handle) = message.receipt_handle {
+            let _ = self
+                .sqs
+                .delete_message()
+                .queue_url(&self.queue_url)
+                .receipt_handle(handle)
+                .send()
+                .await;
         }
     }
 }
@@ -637,7 +962,10 @@ async fn function_url(
         Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
     };
     let event = function_url_event(&parts, &body);
-    match webhook::handle(&handler, event).await {
+    let started = std::time::Instant::now();
+    let outcome = webhook::handle(&handler, event).await;
+    stats.busy.webhook.record(started.elapsed());
+    match outcome {
         Ok(response) => function_url_response(&response),
         Err(e) => {
             stats.handler_errors.fetch_add(1, Ordering::Relaxed);
@@ -788,6 +1116,7 @@ impl HarvestRunner {
         let (outcome, invocation) = invoke(
             self.chaos.as_ref(),
             Function::Harvest,
+            &stats.busy.harvest,
             harvest::handle(&self.handler, event),
         )
         .await;

@@ -155,6 +155,9 @@ pub fn submit_config(stack: &Stack, limits: BatchLimits) -> anyhow::Result<Submi
         work_dir: stack.work_dir.path().to_owned(),
         completion_window: "24h".into(),
         per_batch_webhook: None,
+        provider_limits: Default::default(),
+        slot_lease: std::time::Duration::from_secs(900),
+        max_requeues: 10,
     })
 }
 
@@ -222,6 +225,8 @@ pub fn harvest_config(stack: &Stack) -> anyhow::Result<shotlabel_core::harvest::
         pending_queue_url: stack.resources.pending_queue_url.clone(),
         task: Arc::new(Task::default_task()?),
         max_retries: 3,
+        max_requeues: 10,
+        shards: None,
     })
 }
 

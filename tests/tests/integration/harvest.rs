@@ -24,6 +24,7 @@ fn request(batch_id: &str) -> HarvestRequest {
         batch_id: Some(batch_id.to_owned()),
         manifest: None,
         origin: "test".into(),
+        shard: None,
     }
 }
 
@@ -633,6 +634,7 @@ async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyh
                     version_id: None,
                     attempt: 0,
                     reasons: Vec::new(),
+                    requeues: 0,
                     replace_label: None,
                 },
             )
@@ -645,6 +647,7 @@ async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyh
         model: task.model().into(),
         created_at: 0,
         items,
+        slot: None,
     };
     stack
         .s3

@@ -745,6 +745,7 @@ async fn manifest_for(
                 version_id: None,
                 attempt: 0,
                 reasons: Vec::new(),
+                requeues: 0,
                 replace_label: None,
             },
         );
@@ -756,6 +757,7 @@ async fn manifest_for(
         model: task.model().into(),
         created_at: 0,
         items: items.clone(),
+        slot: None,
     };
     stack
         .s3
@@ -792,6 +794,7 @@ fn request(batch_id: &str) -> HarvestRequest {
         batch_id: Some(batch_id.into()),
         manifest: None,
         origin: "hostile-test".into(),
+        shard: None,
     }
 }
 

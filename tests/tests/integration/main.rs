@@ -6,14 +6,17 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod backfill;
 mod batch_client;
 mod dependencies;
 mod end_to_end;
 mod enqueue;
 mod fuzz_corpus;
 mod harvest;
+mod harvest_shards;
 mod hostile;
 mod local_stack;
+mod scale_out;
 mod secrets;
 mod submit;
 mod template;

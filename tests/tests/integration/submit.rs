@@ -412,20 +412,17 @@ async fn provider_429_and_500_are_retried_and_a_dead_provider_loses_nothing() ->
     enqueue(&stack, objects).await?;
     let config = submit_config(&stack, BatchLimits::default())?;
 
-    // A provider that always fails: nothing is created, nothing deleted.
-    let crashing = CrashBeforeDelete {
-        inner: &stack.queue,
-        handles: Mutex::new(Vec::new()),
-    };
+    // A provider that always fails: nothing is created, and the images go back onto the
+    // queue as new messages (a requeue, not an attempt), their originals deleted.
     let failed = run_submit(
         &stack.store,
-        &crashing,
+        &stack.queue,
         &client(&emulator, quick_retries(3))?,
         &config,
     )
     .await?;
     assert!(failed.batches.is_empty());
-    assert_eq!(failed.unsubmitted, 4);
+    assert_eq!((failed.unsubmitted, failed.sent_back), (4, 4));
     assert!(
         // The emulator answers 500 before reading the upload, so the client may see the
         // status or a closed connection; either way the upload is what failed.
@@ -453,12 +450,6 @@ async fn provider_429_and_500_are_retried_and_a_dead_provider_loses_nothing() ->
         http_500: 0.6,
         ..FaultSettings::default()
     })?;
-    let handles = crashing
-        .handles
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_default();
-    release(&stack, &stack.resources.pending_queue_url, &handles).await?;
     let report = run_submit(
         &stack.store,
         &stack.queue,
@@ -493,6 +484,7 @@ async fn the_scheduled_handler_reconciles_open_batches_then_submits() -> anyhow:
         config: submit_config(&stack, BatchLimits::default())?,
         harvest: harvest_config(&stack)?,
         reconcile_min_age: Duration::ZERO,
+        dispatch: None,
     };
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -261,6 +261,7 @@ async fn a_duplicated_standard_webhook_queues_one_harvest_request() -> anyhow::R
             batch_id: Some(batch_id),
             manifest: None,
             origin: "webhook".into(),
+            shard: None,
         }],
         "exactly one harvest request despite the duplicate"
     );
@@ -295,6 +296,7 @@ async fn a_per_batch_url_queues_one_harvest_request_with_its_manifest() -> anyho
             batch_id: Some(batch_id),
             manifest: Some(manifest.into()),
             origin: "webhook".into(),
+            shard: None,
         }]
     );
     Ok(())
