@@ -170,13 +170,15 @@ async fn unfinished(pipeline: &LocalPipeline, keys: &[String]) -> String {
     let by_function = pipeline.request_counts_by_function();
     let sent = |f: usize| by_function.get(f).map_or(0, |(_, r)| r.sqs_send);
     format!(
-        "{} without a terminal record (first: {:?}); S3 events handled {}; \
-         SendMessageBatch by enqueue {}; ReceiveMessage by submit {}",
+        "{} without a terminal record (first: {:?}); S3 events handled {} (unreadable {}); \
+         SendMessageBatch by enqueue {}; ReceiveMessage by submit {}; queues: {}",
         missing.len(),
         missing.iter().take(5).collect::<Vec<_>>(),
         pipeline.stats.events.load(Ordering::Relaxed),
+        pipeline.stats.unreadable_events.load(Ordering::Relaxed),
         sent(0),
         by_function.get(1).map_or(0, |(_, r)| r.sqs_receive),
+        pipeline.queue_depths().await,
     )
 }
 

@@ -130,6 +130,8 @@ fn start_error(e: impl std::fmt::Display) -> PipelineError {
 #[derive(Debug, Default)]
 pub struct RunnerStats {
     pub events: AtomicU64,
+    /// Notifications that were neither an S3 event nor S3's test event (logged, dropped).
+    pub unreadable_events: AtomicU64,
     pub submit_runs: AtomicU64,
     pub webhook_requests: AtomicU64,
     pub harvest_messages: AtomicU64,
@@ -570,6 +572,29 @@ impl LocalPipeline {
         S3Store::new(crate::s3_client(&self.sdk))
     }
 
+    /// Every queue's depth, visible and in flight, for a run that did not finish: an
+    /// image whose message is in flight is hidden by a receive, not lost.
+    pub async fn queue_depths(&self) -> String {
+        use shotlabel_core::ports::Queue;
+        let queue = SqsQueue::new(sqs_client(&self.sdk));
+        let r = &self.resources;
+        let mut parts = Vec::new();
+        for (name, url) in [
+            ("events", &self.events_queue_url),
+            ("pending", &r.pending_queue_url),
+            ("pending DLQ", &r.pending_dead_letter_queue_url),
+            ("work", &r.submit_work_queue_url),
+            ("harvest", &r.harvest_queue_url),
+            ("harvest DLQ", &r.harvest_dead_letter_queue_url),
+        ] {
+            parts.push(match queue.depth(url).await {
+                Ok(d) => format!("{name} {} visible + {} in flight", d.visible, d.in_flight),
+                Err(e) => format!("{name}: {e}"),
+            });
+        }
+        parts.join("; ")
+    }
+
     /// How many of these input keys have a terminal record (a label or a failed record).
     pub async fn terminal_count(
         &self,
@@ -710,7 +735,15 @@ impl EventRunner {
             .and_then(|v| serde_json::from_value::<S3Event>(v).ok())
         {
             // S3's test event, sent when notifications are configured: nothing to do.
-            None => true,
+            None if body.contains("s3:TestEvent") => true,
+            None => {
+                // Never an image's event as far as anyone can tell; counted, so that a
+                // run missing an image can say whether its notification was here.
+                stats.unreadable_events.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(body = %body.chars().take(300).collect::<String>(),
+                    "an object notification is not an S3 event; dropped");
+                true
+            }
             Some(event) => {
                 stats.events.fetch_add(1, Ordering::Relaxed);
                 if let Some(chaos) = chaos
