@@ -189,6 +189,7 @@ async fn run_on<S: ObjectStore, Q: Queue>(
         shards: (shards > 1).then(|| ShardConfig {
             queue_url: place.harvest_queue_url.clone(),
             requests_per_shard: lines.div_ceil(shards),
+            resend_after: Duration::from_secs(7_200),
         }),
     };
     let request = HarvestRequest {

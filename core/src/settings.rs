@@ -266,6 +266,15 @@ pub struct HarvestArgs {
         default_value_t = 10_000
     )]
     pub harvest_shard_requests: usize,
+    /// seconds after which the shards of a batch that are still not done are queued again
+    /// (their message may be in the dead-letter queue); longer than the harvest queue's
+    /// visibility timeout, so that a slow shard is not started twice
+    #[arg(
+        long,
+        env = "SHOTLABEL_HARVEST_SHARD_RESEND_SECONDS",
+        default_value_t = 7_200
+    )]
+    pub harvest_shard_resend_seconds: u64,
     #[command(flatten)]
     pub task: TaskSettings,
 }
@@ -285,6 +294,7 @@ impl HarvestArgs {
                 .map(|queue_url| crate::harvest::ShardConfig {
                     queue_url,
                     requests_per_shard: self.harvest_shard_requests.max(1),
+                    resend_after: std::time::Duration::from_secs(self.harvest_shard_resend_seconds),
                 }),
         })
     }

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use shotlabel_core::batch_api::{BatchError, BatchStatus};
 use shotlabel_core::enqueue::{EnqueueConfig, EnqueueReport, NewObject, enqueue_objects};
-use shotlabel_core::harvest::{HarvestConfig, HarvestOutcome, harvest, reconcile};
+use shotlabel_core::harvest::{HarvestConfig, HarvestOutcome, ShardConfig, harvest, reconcile};
 use shotlabel_core::memory::{
     KeyMatch, MEMORY_MODEL, MemoryProvider, MemoryQueue, MemoryStore, ProviderOp, QueueOp,
     REPLY_PROMPT_TOKENS, Reply, StoreFault, StoreOp, sample_png,
@@ -1047,5 +1047,79 @@ async fn a_store_error_writing_a_refusal_leaves_it_to_the_retry() -> anyhow::Res
     let record: FailedRecord = p.read("failed/junk.png.json")?;
     assert_eq!(record.reasons[0].stage, Stage::Prepare);
     assert_eq!(p.queue.depth(PENDING_QUEUE), 0);
+    Ok(())
+}
+
+/// A shard whose message is gone (its retries ran out into the dead-letter queue) must
+/// not leave its batch open for good: the next harvest request for the batch (a
+/// reconciliation) queues the shards not done again once `resend_after` has passed, and
+/// not before. The chaos soak found this: a shard message dead-lettered by injected
+/// faults, and the batch open until the old fixed two hours were up.
+#[tokio::test]
+async fn shards_whose_messages_were_lost_are_queued_again_after_resend_after() -> anyhow::Result<()>
+{
+    use shotlabel_core::ports::Queue;
+    const HARVEST_QUEUE: &str = "harvest";
+    let p = Pipeline::new()?;
+    p.enqueue(p.put_images(&["a.png", "b.png", "c.png", "d.png"])?)
+        .await?;
+    let batch_id = p.submit_one().await?;
+    p.provider.complete(&batch_id, answer_for)?;
+    let request = HarvestRequest {
+        batch_id: Some(batch_id.clone()),
+        manifest: None,
+        origin: "test".into(),
+        shard: None,
+    };
+    let sharded = |resend_after: Duration| {
+        let mut config = p.harvest_config();
+        config.shards = Some(ShardConfig {
+            queue_url: HARVEST_QUEUE.into(),
+            requests_per_shard: 2,
+            resend_after,
+        });
+        config
+    };
+    let queued = |outcome: HarvestOutcome| match outcome {
+        HarvestOutcome::Sharded { shards, queued, .. } => Ok((shards, queued)),
+        other => bail!("a sharded outcome expected, got {other:?}"),
+    };
+    let patient = sharded(Duration::from_secs(3600));
+    let first = harvest(&p.store, &p.queue, &p.provider, &patient, &request).await?;
+    assert_eq!(queued(first)?, (2, 2));
+    assert_eq!(p.queue.depth(HARVEST_QUEUE), 2);
+    // Both shard messages are lost.
+    let lost = p
+        .queue
+        .receive(HARVEST_QUEUE, 10, Duration::from_secs(3600), Duration::ZERO)
+        .await?;
+    let handles: Vec<String> = lost.iter().map(|m| m.receipt_handle.clone()).collect();
+    p.queue.delete_batch(HARVEST_QUEUE, &handles).await?;
+    assert_eq!(p.queue.depth(HARVEST_QUEUE), 0);
+
+    // Within resend_after: the queue is trusted with its own messages.
+    let again = harvest(&p.store, &p.queue, &p.provider, &patient, &request).await?;
+    assert_eq!(queued(again)?, (2, 0));
+    assert_eq!(p.queue.depth(HARVEST_QUEUE), 0);
+
+    // Past it: both are queued again, and they finish the batch.
+    let eager = sharded(Duration::ZERO);
+    let resent = harvest(&p.store, &p.queue, &p.provider, &eager, &request).await?;
+    assert_eq!(queued(resent)?, (2, 2));
+    let mut finished = 0;
+    for message in p
+        .queue
+        .receive(HARVEST_QUEUE, 10, Duration::from_secs(60), Duration::ZERO)
+        .await?
+    {
+        let shard_request: HarvestRequest = serde_json::from_str(&message.body)?;
+        if let HarvestOutcome::ShardHarvested { finished: true, .. } =
+            harvest(&p.store, &p.queue, &p.provider, &eager, &shard_request).await?
+        {
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 1, "one shard finishes the batch");
+    assert_eq!(p.store.keys(BUCKET, "labels/").len(), 4);
     Ok(())
 }

@@ -389,11 +389,14 @@ async fn trace_unfinished(
             }
         }
     }
+    let mut dead = Vec::new();
     for url in [
         &pipeline.resources.pending_dead_letter_queue_url,
         &pipeline.resources.harvest_dead_letter_queue_url,
     ] {
         for (id, body) in drain(sqs, url).await? {
+            let short: String = body.chars().take(400).collect();
+            dead.push(format!("dead letter {id}: {short}"));
             for image in &unfinished {
                 if body.contains(image.as_str()) {
                     found
@@ -404,10 +407,18 @@ async fn trace_unfinished(
             }
         }
     }
-    Ok(unfinished
+    let mut lines: Vec<String> = unfinished
         .iter()
         .map(|image| format!("{image}: {:?}", found.get(*image)))
-        .collect())
+        .collect();
+    lines.extend(dead);
+    for (key, body) in read_all(pipeline, store.list(bucket, "state/open/").await?).await? {
+        lines.push(format!(
+            "open marker {key}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    Ok(lines)
 }
 
 /// Reads every object under these keys, a few at a time.
@@ -433,6 +444,13 @@ async fn read_all(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_image_ends_with_one_terminal_record_through_chaos() -> anyhow::Result<()> {
+    // `SHOTLABEL_SOAK_LOG=warn` (any tracing filter) shows the functions' own log lines.
+    if let Ok(filter) = std::env::var("SHOTLABEL_SOAK_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let started = Instant::now();
     let images = env_number("SHOTLABEL_SOAK_IMAGES", DEFAULT_IMAGES as u64)? as usize;
     let seed = env_number("SHOTLABEL_SOAK_SEED", DEFAULT_SEED)?;

@@ -59,6 +59,10 @@ pub struct ShardConfig {
     pub queue_url: String,
     /// Batches with more requests than this are sharded, this many requests a shard.
     pub requests_per_shard: usize,
+    /// Shards still not done this long after their requests were queued are queued again
+    /// by the next harvest request for the batch (a reconciliation): a shard message that
+    /// went to the dead-letter queue must not leave its batch open for good.
+    pub resend_after: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -5,7 +5,7 @@
 //!    `requests_per_shard` lines a cut is made at a line start, so each shard is an exact,
 //!    line-aligned byte range. The plan is written with `If-None-Match: *` (a repeated
 //!    planner reuses the first plan), then one harvest request per shard goes onto the
-//!    harvest queue, once (`sent_at`; after two hours, shards still not done are queued
+//!    harvest queue, once (`sent_at`; after `ShardConfig::resend_after`, two hours by default, shards still not done are queued
 //!    again, for a message that was lost).
 //! 2. **Shards** (one harvest-queue message each): a ranged GET of its bytes, the same
 //!    line handling as a whole-batch harvest (labels with conditional writes, retries
@@ -65,11 +65,6 @@ pub struct ShardPlan {
     #[serde(default)]
     pub sent_at: Option<u64>,
 }
-
-/// Shard requests are queued once; only a plan whose shards are still not done this
-/// long after (longer than the harvest queue's retries take: its visibility timeout is
-/// 5,400 s) gets the missing ones queued again, for a message that was lost.
-const RESEND_AFTER_SECONDS: u64 = 2 * 60 * 60;
 
 /// `state/shards/<batch>/done-<n>.json`: what one shard did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +132,7 @@ pub(super) async fn plan_and_dispatch<S: ObjectStore, Q: Queue, P: BatchProvider
     let now = crate::records::unix_now();
     if plan
         .sent_at
-        .is_some_and(|at| now.saturating_sub(at) < RESEND_AFTER_SECONDS)
+        .is_some_and(|at| now.saturating_sub(at) < shards.resend_after.as_secs())
     {
         // Queued already, and the harvest queue retries its own messages.
         return Ok((plan.shards.len(), 0));

@@ -391,6 +391,9 @@ impl LocalPipeline {
             // Empty (unset) without sharding.
             ("SHOTLABEL_HARVEST_QUEUE_URL", shard_queue),
             ("SHOTLABEL_HARVEST_SHARD_REQUESTS", shard_requests.as_str()),
+            // Minutes, not the deployment's two hours: local runs are short, and the
+            // local harvest queue's messages come back after 60 s, not 5,400.
+            ("SHOTLABEL_HARVEST_SHARD_RESEND_SECONDS", "120"),
         ])
         .map_err(start_error)?;
         let mut harvest = harvest_settings.harvest.config().map_err(start_error)?;

@@ -218,6 +218,7 @@ async fn a_large_batch_is_harvested_by_shards_with_one_label_per_request() -> an
     config.shards = Some(ShardConfig {
         queue_url: stack.resources.harvest_queue_url.clone(),
         requests_per_shard: requests.div_ceil(SHARDS),
+        resend_after: Duration::from_secs(7_200),
     });
     let watched = Watched::new(stack.store.clone(), None);
     let request = HarvestRequest {
