@@ -175,6 +175,7 @@ pub async fn submit_child(args: &SubmitChildArgs) -> anyhow::Result<()> {
         provider_limits: Default::default(),
         slot_lease: std::time::Duration::from_secs(900),
         max_requeues: 10,
+        pending_max_receives: 5,
     };
     let rss_start_kib = rss_kib();
     // Sample RSS every 50 ms, to show whether it climbs as the run goes on.

@@ -54,10 +54,16 @@ impl PendingItem {
     /// The same image sent again after a failure of its batch, not of its answer: the
     /// reason is kept, the attempt is not spent.
     pub fn requeued(&self, reason: String) -> Self {
+        self.requeued_at(Stage::Batch, reason)
+    }
+
+    /// As [`Self::requeued`], for a cause found at `stage` (an object that cannot be read
+    /// for now, at prepare).
+    pub fn requeued_at(&self, stage: Stage, reason: String) -> Self {
         let mut next = self.clone();
         next.reasons.push(AttemptReason {
             attempt: self.attempt,
-            stage: Stage::Batch,
+            stage,
             reason,
         });
         next.requeues += 1;

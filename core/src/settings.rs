@@ -393,6 +393,10 @@ pub struct SubmitSettings {
     /// the most submit workers at once
     #[arg(long, env = "SHOTLABEL_MAX_SUBMIT_WORKERS", default_value_t = 10)]
     pub max_submit_workers: usize,
+    /// the pending queue's maxReceiveCount (0: it has no dead-letter queue); an image that
+    /// cannot be read for now is sent back as a new message before its receives run out
+    #[arg(long, env = "SHOTLABEL_PENDING_MAX_RECEIVES", default_value_t = 5)]
+    pub pending_max_receives: u32,
     #[command(flatten)]
     pub provider_limits: ProviderLimitSettings,
     #[command(flatten)]
@@ -483,6 +487,7 @@ impl SubmitSettings {
             provider_limits: self.provider_limits.limits()?,
             slot_lease: Duration::from_secs(self.provider_limits.slot_lease_seconds),
             max_requeues: self.harvest.max_requeues,
+            pending_max_receives: self.pending_max_receives,
         })
     }
 

@@ -32,7 +32,7 @@ use crate::records::{
 };
 use crate::request::{BatchFile, BatchFileWriter, BatchLimits, RequestFileError, custom_id};
 use crate::task::Task;
-use crate::terminal::{FailedWrite, TerminalRecords, send_pending};
+use crate::terminal::{FailedWrite, RecordError, TerminalRecords, send_pending};
 
 /// Batch metadata keys the submitter sets; harvest reads them back.
 pub const METADATA_MANIFEST: &str = "shotlabel_manifest";
@@ -79,7 +79,17 @@ pub struct SubmitConfig {
     /// How often an image may be sent back because its batch could not be created
     /// (the harvest's bound for failed batches); then it gets a failed record.
     pub max_requeues: u32,
+    /// The pending queue's `maxReceiveCount` (0: no dead-letter queue). An image whose
+    /// object cannot be read for now is left to come back after the visibility timeout,
+    /// which spends one of these receives; before they run out it is sent back as a new
+    /// message (a requeue), so that a long outage ends in a failed record, not in the
+    /// dead-letter queue with no terminal record.
+    pub pending_max_receives: u32,
 }
+
+/// Receives a deferred message keeps in reserve for what else can make it come back
+/// (a worker that crashes, a batch record that cannot be written).
+const SPARE_RECEIVES: u32 = 2;
 
 impl SubmitConfig {
     /// Checks what would make a run unsafe, before it takes any message.
@@ -205,6 +215,7 @@ where
         writer: BatchFileWriter::new(&work_dir, &submission_id, config.limits)?,
         items: HashMap::new(),
         handles: HashMap::new(),
+        receive_counts: HashMap::new(),
         slots: Vec::new(),
         started: Instant::now(),
         report: SubmitReport {
@@ -263,6 +274,8 @@ struct Run<'a, S, Q, P> {
     items: HashMap<String, PendingItem>,
     /// Receipt handles of every message taken for a content key.
     handles: HashMap<ContentKey, Vec<String>>,
+    /// The most times any of a content key's messages has been received.
+    receive_counts: HashMap<ContentKey, u32>,
     /// Open-batch slots claimed and not yet given to a batch.
     slots: Vec<HeldSlot>,
     started: Instant,
@@ -485,7 +498,10 @@ where
                 return None;
             }
         };
-        let handles = self.handles.entry(content_key(&item)).or_default();
+        let key = content_key(&item);
+        let receives = self.receive_counts.entry(key.clone()).or_default();
+        *receives = (*receives).max(message.receive_count);
+        let handles = self.handles.entry(key).or_default();
         handles.push(message.receipt_handle);
         if handles.len() > 1 {
             self.report.duplicate_messages += 1;
@@ -519,13 +535,34 @@ where
                 self.report.superseded += 1;
                 self.delete_messages(&[content_key(&item)]).await;
             }
-            Prepared::Deferred(reason) => {
-                self.report.deferred += 1;
-                tracing::warn!(key = %item.key, %reason, "image deferred; its message will come back");
-                self.handles.remove(&content_key(&item));
-            }
+            Prepared::Deferred(reason) => self.defer(item, reason).await,
         }
         Ok(())
+    }
+
+    /// An image that cannot be prepared for now. Its message is left to come back after
+    /// the visibility timeout (the delay a transient fault needs), unless it has come back
+    /// so often that it is near the dead-letter queue: then it goes round again as a new
+    /// message, counting a requeue, and past `max_requeues` it gets a failed record.
+    async fn defer(&mut self, item: PendingItem, reason: String) {
+        self.report.deferred += 1;
+        let key = content_key(&item);
+        let receives = self.receive_counts.get(&key).copied().unwrap_or(0);
+        let max = self.config.pending_max_receives;
+        if max == 0 || receives + SPARE_RECEIVES < max {
+            tracing::warn!(key = %item.key, %reason, receives, "image deferred; its message will come back");
+            self.handles.remove(&key);
+            return;
+        }
+        tracing::warn!(key = %item.key, %reason, receives,
+            "image deferred near its queue's receive limit; sending it back as a new message");
+        let reason = format!("its image could not be read: {reason}");
+        if let Err(e) = self
+            .requeue_or_fail(vec![item], Stage::Prepare, &reason)
+            .await
+        {
+            self.error(format!("sending back a deferred image: {e}"));
+        }
     }
 
     /// Writes a failed record for an image that can never be prepared, then deletes its
@@ -640,17 +677,44 @@ where
             }
         };
         let count = items.len();
+        let sent = if refused {
+            let reason = format!("its batch could not be created: {reason}");
+            self.requeue_or_fail(items.into_values().collect(), Stage::Batch, &reason)
+                .await
+        } else {
+            self.send_again(items.into_values().collect(), Vec::new())
+                .await
+        };
+        if let Err(e) = sent {
+            self.error(format!("sending back the items of {name}: {e}"));
+        }
+        if refused {
+            self.error(format!(
+                "submitting {name} ({count} requests; sent back to the queue): {reason}"
+            ));
+        } else {
+            self.report.held_back = true;
+            tracing::info!(manifest = %name, requests = count, %reason,
+                "waiting for the provider; the file's images are back on the queue");
+        }
+    }
+
+    /// Sends items back counting a requeue; those past `max_requeues` get a failed record
+    /// with every reason instead. An item whose record cannot be written keeps its message,
+    /// which comes back.
+    async fn requeue_or_fail(
+        &mut self,
+        items: Vec<PendingItem>,
+        stage: Stage,
+        reason: &str,
+    ) -> Result<(), RecordError> {
         let mut again = Vec::new();
         let mut done_keys = Vec::new();
-        for item in items.into_values() {
+        for item in items {
             let key = content_key(&item);
-            if !refused {
-                again.push((key, item));
-                continue;
-            }
-            let next = item.requeued(format!("its batch could not be created: {reason}"));
+            let next = item.requeued_at(stage, reason.to_owned());
             if next.requeues <= self.config.max_requeues {
-                again.push((key, next));
+                again.push(next);
                 continue;
             }
             let task = self.task_ref();
@@ -671,30 +735,31 @@ where
                 }
             }
         }
-        let pending: Vec<PendingItem> = again.iter().map(|(_, item)| item.clone()).collect();
-        match send_pending(self.queue, &self.config.pending_queue_url, &pending).await {
+        self.send_again(again, done_keys).await
+    }
+
+    /// Sends items to the pending queue as new messages, then deletes the messages they
+    /// came in along with those of `done_keys`. If sending fails, the originals stay and
+    /// come back after their visibility timeout.
+    async fn send_again(
+        &mut self,
+        items: Vec<PendingItem>,
+        mut done_keys: Vec<ContentKey>,
+    ) -> Result<(), RecordError> {
+        let sent = send_pending(self.queue, &self.config.pending_queue_url, &items).await;
+        match &sent {
             Ok(()) => {
-                self.report.sent_back += pending.len();
-                done_keys.extend(again.into_iter().map(|(key, _)| key));
+                self.report.sent_back += items.len();
+                done_keys.extend(items.iter().map(content_key));
             }
-            Err(e) => {
-                // The originals stay and come back after their visibility timeout.
-                for (key, _) in &again {
-                    self.handles.remove(key);
+            Err(_) => {
+                for item in &items {
+                    self.handles.remove(&content_key(item));
                 }
-                self.error(format!("sending back the items of {name}: {e}"));
             }
         }
         self.delete_messages(&done_keys).await;
-        if refused {
-            self.error(format!(
-                "submitting {name} ({count} requests; sent back to the queue): {reason}"
-            ));
-        } else {
-            self.report.held_back = true;
-            tracing::info!(manifest = %name, requests = count, %reason,
-                "waiting for the provider; the file's images are back on the queue");
-        }
+        sent
     }
 
     async fn create_batch(

@@ -111,6 +111,7 @@ impl Pipeline {
             provider_limits: Default::default(),
             slot_lease: std::time::Duration::from_secs(900),
             max_requeues: 10,
+            pending_max_receives: 5,
         }
     }
 
@@ -1047,6 +1048,83 @@ async fn a_store_error_writing_a_refusal_leaves_it_to_the_retry() -> anyhow::Res
     let record: FailedRecord = p.read("failed/junk.png.json")?;
     assert_eq!(record.reasons[0].stage, Stage::Prepare);
     assert_eq!(p.queue.depth(PENDING_QUEUE), 0);
+    Ok(())
+}
+
+/// An image whose object cannot be read for now is left to come back after the visibility
+/// timeout; near the pending queue's receive limit it goes round again as a new message
+/// (a requeue, its attempts untouched), and past `max_requeues` it gets a failed record
+/// with the reasons. It never reaches the dead-letter queue without a terminal record: the
+/// chaos soak found one that did, its receives spent by deferrals under load.
+#[tokio::test]
+async fn an_image_that_cannot_be_read_goes_round_again_before_its_receives_run_out()
+-> anyhow::Result<()> {
+    let p = Pipeline::new()?;
+    p.enqueue(p.put_images(&["stuck.png"])?).await?;
+    p.store
+        .fail_always_under(StoreOp::Get, &format!("{INPUT}stuck.png"));
+    let mut config = p.submit_config(BatchLimits::default());
+    config.pending_max_receives = 5;
+    config.max_requeues = 1;
+    // One message per run, so that a message sent round is not taken again by its run.
+    config.max_images = 1;
+    let mut runs = Vec::new();
+    // Receives 1 and 2 leave the message to come back; the third sends it round again.
+    for _ in 0..3 {
+        runs.push(run_submit(&p.store, &p.queue, &p.provider, &config).await?);
+        p.queue.release_all(PENDING_QUEUE);
+    }
+    assert!(
+        runs.iter().all(|r| r.deferred == 1 && r.batches.is_empty()),
+        "{runs:?}"
+    );
+    assert_eq!(
+        runs.iter().map(|r| r.sent_back).collect::<Vec<_>>(),
+        [0, 0, 1]
+    );
+    let bodies = p.queue.bodies(PENDING_QUEUE);
+    assert_eq!(bodies.len(), 1, "the old message is deleted: {bodies:?}");
+    let item: PendingItem = serde_json::from_str(&bodies[0])?;
+    assert_eq!((item.attempt, item.requeues), (0, 1), "{item:?}");
+    assert_eq!(item.reasons[0].stage, Stage::Prepare);
+    assert!(
+        item.reasons[0].reason.contains("could not be read"),
+        "{item:?}"
+    );
+
+    // Three more receives of the new message; the second requeue is past the bound.
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(run_submit(&p.store, &p.queue, &p.provider, &config).await?);
+        p.queue.release_all(PENDING_QUEUE);
+    }
+    assert_eq!(
+        runs.iter()
+            .map(|r| (r.sent_back, r.failed))
+            .collect::<Vec<_>>(),
+        [(0, 0), (0, 0), (0, 1)]
+    );
+    assert_eq!(p.queue.depth(PENDING_QUEUE), 0);
+    let record: FailedRecord = p.read("failed/stuck.png.json")?;
+    assert_eq!(record.reasons.len(), 2, "{record:?}");
+    assert!(p.store.object(BUCKET, "labels/stuck.png.json").is_none());
+
+    // Once the object can be read, an image sent round is labelled as usual.
+    p.store.clear_faults();
+    p.enqueue(p.put_images(&["late.png"])?).await?;
+    p.store
+        .fail_always_under(StoreOp::Get, &format!("{INPUT}late.png"));
+    for _ in 0..3 {
+        run_submit(&p.store, &p.queue, &p.provider, &config).await?;
+        p.queue.release_all(PENDING_QUEUE);
+    }
+    p.store.clear_faults();
+    let report = run_submit(&p.store, &p.queue, &p.provider, &config).await?;
+    assert_eq!(
+        (report.prepared, report.batches.len()),
+        (1, 1),
+        "{report:?}"
+    );
     Ok(())
 }
 

@@ -102,6 +102,8 @@ pub const SUBMIT: Deployment = Deployment {
         Env::Required("SHOTLABEL_MAX_SUBMIT_WORKERS"),
         // Must agree with the harvest's.
         Env::Required("SHOTLABEL_MAX_REQUEUES"),
+        // Must agree with the pending queue's redrive policy (checked by the template test).
+        Env::Required("SHOTLABEL_PENDING_MAX_RECEIVES"),
         // Reconciliation shards large batches onto the harvest queue.
         Env::Required("SHOTLABEL_HARVEST_QUEUE_URL"),
     ],

@@ -149,6 +149,7 @@ async fn completed_batch(h: &MemoryHandler, names: &[&str]) -> anyhow::Result<St
         provider_limits: Default::default(),
         slot_lease: std::time::Duration::from_secs(900),
         max_requeues: 10,
+        pending_max_receives: 5,
     };
     let report = run_submit(&h.store, &h.queue, &h.provider, &submit).await?;
     ensure!(report.errors.is_empty(), "{:?}", report.errors);

@@ -399,6 +399,11 @@ impl LocalPipeline {
         let mut harvest = harvest_settings.harvest.config().map_err(start_error)?;
         harvest.task = options.task.clone();
 
+        let pending_max_receives = crate::QUEUES
+            .iter()
+            .find(|spec| spec.logical_id == "PendingQueue")
+            .map_or(0, |spec| spec.max_receive_count)
+            .to_string();
         let submit_settings = SubmitSettings::from_vars([
             ("SHOTLABEL_BUCKET", bucket),
             ("SHOTLABEL_PENDING_QUEUE_URL", pending),
@@ -412,6 +417,11 @@ impl LocalPipeline {
             // Short runs and no long polls: the local timer fires every few seconds.
             ("SHOTLABEL_SUBMIT_BUDGET_SECONDS", "30"),
             ("SHOTLABEL_SUBMIT_VISIBILITY_SECONDS", "300"),
+            // The local pending queue's redrive policy, as the template's.
+            (
+                "SHOTLABEL_PENDING_MAX_RECEIVES",
+                pending_max_receives.as_str(),
+            ),
             ("SHOTLABEL_RECEIVE_WAIT_SECONDS", "0"),
             ("SHOTLABEL_WORK_DIR", work_dir.as_ref()),
             (

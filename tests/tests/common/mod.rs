@@ -158,6 +158,7 @@ pub fn submit_config(stack: &Stack, limits: BatchLimits) -> anyhow::Result<Submi
         provider_limits: Default::default(),
         slot_lease: std::time::Duration::from_secs(900),
         max_requeues: 10,
+        pending_max_receives: 5,
     })
 }
 

@@ -670,6 +670,17 @@ fn messages_stay_hidden_while_their_function_holds_them() {
     assert!(max_budget + 60 <= submit_visibility);
     assert!(max_budget < timeout("SubmitFunction"));
 
+    // The submitter sends a deferred image round again before the pending queue's redrive
+    // policy would dead-letter it: it must know the policy's count.
+    let max_receives = env
+        .get("SHOTLABEL_PENDING_MAX_RECEIVES")
+        .and_then(|(_, v)| number(v))
+        .expect("a number");
+    assert_eq!(
+        number(&template.properties(deploy::PENDING_QUEUE)["RedrivePolicy"]["maxReceiveCount"]),
+        Some(max_receives)
+    );
+
     // A provider waits for the webhook's answer.
     assert!(timeout("WebhookFunction") <= 30);
 
