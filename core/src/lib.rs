@@ -10,6 +10,7 @@ pub mod answer;
 pub mod backpressure;
 pub mod batch_api;
 pub mod batch_token;
+pub mod dataset;
 pub mod dispatch;
 pub mod enqueue;
 pub mod harvest;

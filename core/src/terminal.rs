@@ -43,8 +43,11 @@ pub enum RecordError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LabelWrite {
     Written,
-    /// This very answer was written before (a repeated harvest).
-    AlreadyOurs,
+    /// This very answer was written before (a repeated harvest), at `labelled_at` (unix
+    /// seconds; `None` for a label written before the field was read back).
+    AlreadyOurs {
+        labelled_at: Option<u64>,
+    },
     /// Another batch's answer for the same content and task version is there already.
     Duplicate,
     /// The object changed after this item was queued; its newer content has its own run.
@@ -67,6 +70,9 @@ pub struct LabelIdentity {
     pub task: TaskIdentity,
     #[serde(default)]
     pub provenance: Option<ProvenanceIdentity>,
+    /// Labels only: when it was written, for a repeated harvest's dataset part.
+    #[serde(default)]
+    pub labelled_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,8 +186,11 @@ impl<'a, S: ObjectStore> TerminalRecords<'a, S> {
         item: &PendingItem,
         record: &LabelRecord,
     ) -> Result<LabelWrite, RecordError> {
-        let written = self.write_label_once(item, record).await?;
-        if matches!(written, LabelWrite::Written | LabelWrite::AlreadyOurs) {
+        let written = Box::pin(self.write_label_once(item, record)).await?;
+        if matches!(
+            written,
+            LabelWrite::Written | LabelWrite::AlreadyOurs { .. }
+        ) {
             self.remove_failed(&item.bucket, &item.key, &item.etag)
                 .await?;
         }
@@ -222,7 +231,9 @@ impl<'a, S: ObjectStore> TerminalRecords<'a, S> {
                 p.batch_id == record.provenance.batch_id
                     && p.custom_id == record.provenance.custom_id
             }) {
-                return Ok(LabelWrite::AlreadyOurs);
+                return Ok(LabelWrite::AlreadyOurs {
+                    labelled_at: existing.labelled_at,
+                });
             }
             if existing.is_for(&item.etag, &self.task.version) {
                 return Ok(LabelWrite::Duplicate);

@@ -33,9 +33,7 @@ pub const RESERVED_COLUMNS: [&str; 3] = ["task", "version", "batch"];
 pub enum DatasetSchemaError {
     #[error("the task's answer schema is not an object with properties")]
     NotAnObject,
-    #[error(
-        "the answer field {0:?} has the name of a dataset column the pipeline adds; rename it"
-    )]
+    #[error("the answer field {0:?} has the name of a dataset column the pipeline adds; rename it")]
     Reserved(String),
 }
 
@@ -56,8 +54,7 @@ fn answer_fields(schema: &Value) -> Result<Vec<Field>, DatasetSchemaError> {
         .ok_or(DatasetSchemaError::NotAnObject)?;
     let mut fields = Vec::with_capacity(properties.len());
     for (name, property) in properties {
-        if PROVENANCE_COLUMNS.contains(&name.as_str())
-            || RESERVED_COLUMNS.contains(&name.as_str())
+        if PROVENANCE_COLUMNS.contains(&name.as_str()) || RESERVED_COLUMNS.contains(&name.as_str())
         {
             return Err(DatasetSchemaError::Reserved(name.clone()));
         }
@@ -109,7 +106,10 @@ fn json_type(schema: &Value) -> Option<&str> {
     match schema.get("type")? {
         Value::String(t) => Some(t),
         Value::Array(types) => {
-            let mut not_null = types.iter().filter_map(Value::as_str).filter(|t| *t != "null");
+            let mut not_null = types
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|t| *t != "null");
             let first = not_null.next()?;
             not_null.next().is_none().then_some(first)
         }
@@ -133,13 +133,16 @@ fn provenance_field(name: &str) -> Field {
         "source_size" | "attempt" => Field::new(name, DataType::Int64, false),
         // A provider may report no usage.
         "prompt_tokens" | "completion_tokens" => Field::new(name, DataType::Int64, true),
-        "labelled_at" => Field::new(
-            name,
-            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-            false,
-        ),
+        "labelled_at" => Field::new(name, labelled_at_type(), false),
         _ => Field::new(name, DataType::Utf8, false),
     }
+}
+
+/// `labelled_at`: milliseconds, UTC. Spelt as an offset because Arrow parses named time
+/// zones only with chrono-tz; the Parquet file says "adjusted to UTC" either way, and
+/// readers show it as UTC.
+pub fn labelled_at_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into()))
 }
 
 /// The Glue (Hive DDL) type of an Arrow type, as `template.yaml` declares its columns.
@@ -183,13 +186,19 @@ mod tests {
             (json!({"type": ["number", "null"]}), "double"),
             (json!({"type": "string", "enum": ["a", "b"]}), "string"),
             (json!({"enum": [1, 2, 3]}), "bigint"),
-            (json!({"type": "array", "items": {"type": "string"}}), "array<string>"),
+            (
+                json!({"type": "array", "items": {"type": "string"}}),
+                "array<string>",
+            ),
             (
                 json!({"type": "object", "properties": {"x": {"type": "integer"},
                     "tags": {"type": "array", "items": {"type": "boolean"}}}}),
                 "struct<x:bigint,tags:array<boolean>>",
             ),
-            (json!({"anyOf": [{"type": "string"}, {"type": "integer"}]}), "string"),
+            (
+                json!({"anyOf": [{"type": "string"}, {"type": "integer"}]}),
+                "string",
+            ),
             (json!({"type": ["string", "integer"]}), "string"),
         ];
         for (schema, glue) in cases {
@@ -202,7 +211,9 @@ mod tests {
         assert!(!is_json_text(&json!({"type": "string"})));
         assert!(!is_json_text(&json!({"enum": ["a", "b"]})));
         assert!(!is_json_text(&json!({"type": "integer"})));
-        assert!(is_json_text(&json!({"anyOf": [{"type": "string"}, {"type": "integer"}]})));
+        assert!(is_json_text(
+            &json!({"anyOf": [{"type": "string"}, {"type": "integer"}]})
+        ));
         assert!(is_json_text(&json!({"type": "object"})));
     }
 }

@@ -46,7 +46,7 @@ struct LabelDone<'a> {
     custom_id: String,
     item: &'a PendingItem,
     key: String,
-    label: Value,
+    record: LabelRecord,
     written: Result<LabelWrite, HarvestError>,
 }
 
@@ -65,6 +65,8 @@ pub(super) struct BatchHarvest<'a, S> {
     /// lines that are not output lines or are too long), for the reasons of the items
     /// left without an answer.
     pub(super) unreadable: Vec<String>,
+    /// The labels this harvest wrote, or found it had written before: its dataset part.
+    pub(super) rows: Vec<LabelRecord>,
 }
 
 impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
@@ -158,7 +160,7 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
                             custom_id,
                             item,
                             key,
-                            label: answer.label,
+                            record,
                             written,
                         }
                     });
@@ -384,8 +386,15 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
         busy: &mut HashSet<String>,
     ) -> Result<(), HarvestError> {
         busy.remove(&done.key);
+        let mut record = done.record;
         let outcome = match done.written? {
-            LabelWrite::Written | LabelWrite::AlreadyOurs => {
+            LabelWrite::Written => {
+                self.counts.labelled += 1;
+                "labelled"
+            }
+            LabelWrite::AlreadyOurs { labelled_at } => {
+                // The stored label's time, so that the part is written the same again.
+                record.labelled_at = labelled_at.unwrap_or(record.labelled_at);
                 self.counts.labelled += 1;
                 "labelled"
             }
@@ -398,8 +407,11 @@ impl<'a, S: ObjectStore> BatchHarvest<'a, S> {
         self.result(
             &done.custom_id,
             done.item,
-            json!({"outcome": outcome, "label": done.label}),
+            json!({"outcome": outcome, "label": record.label}),
         );
+        if outcome == "labelled" {
+            self.rows.push(record);
+        }
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::backpressure::release_slot;
 use crate::batch_api::Batch;
+use crate::dataset;
 use crate::ports::{BatchProvider, ObjectStore, Queue, StoreError, WriteCondition};
 use crate::records::{
     BatchPhase, BatchRecord, HarvestCounts, HarvestRequest, Layout, Manifest, TaskRef, state_keys,
@@ -121,6 +122,8 @@ pub enum HarvestError {
     Read(#[from] std::io::Error),
     #[error("encoding: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("writing the dataset part: {0}")]
+    Dataset(#[from] crate::dataset::DatasetError),
 }
 
 /// Harvests one batch if the provider says it is finished.
@@ -177,16 +180,25 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
     }
 
     if let Some(shard) = request.shard {
-        return harvest_shard(store, queue, config, &batch, &manifest, shard).await;
+        return Box::pin(harvest_shard(
+            store, queue, config, &batch, &manifest, shard,
+        ))
+        .await;
     }
     if let Some(shards) = shards::wants_shards(config, &manifest) {
-        let (count, queued) =
-            plan_and_dispatch(store, queue, provider, config, shards, &batch, &manifest).await?;
+        let (count, queued) = Box::pin(plan_and_dispatch(
+            store, queue, provider, config, shards, &batch, &manifest,
+        ))
+        .await?;
         // Every shard is done, yet the batch is open: the shard that should have finished
         // it died after its done marker, and its message is gone. Finish it here.
         if queued == 0 {
             let plan = shards::read_plan(store, config, &batch_id).await?;
-            if finish_shards(store, queue, config, &batch, &manifest, &plan).await? {
+            if Box::pin(finish_shards(
+                store, queue, config, &batch, &manifest, &plan,
+            ))
+            .await?
+            {
                 let record =
                     read_json::<S, BatchRecord>(store, bucket, &state_keys::batch(&batch_id))
                         .await?;
@@ -213,20 +225,23 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
         results: Vec::new(),
         retries: Vec::new(),
         unreadable: Vec::new(),
+        rows: Vec::new(),
     };
     for file_id in [&batch.output_file_id, &batch.error_file_id]
         .into_iter()
         .flatten()
     {
-        run.read_file(provider, file_id).await?;
+        Box::pin(run.read_file(provider, file_id)).await?;
     }
     run.settle_missing().await?;
     let BatchHarvest {
         mut counts,
         results,
         retries,
+        rows,
         ..
     } = run;
+    write_part(store, config, &batch_id, 0, &rows).await?;
     let (retried, failed) = requeue(
         store,
         queue,
@@ -257,6 +272,33 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
     Ok(HarvestOutcome::Harvested { batch_id, counts })
 }
 
+/// Writes the labels of one harvest (`part`: its shard, 0 for a whole batch) as its
+/// dataset part, before anything marks the harvest done. Nothing when it labelled nothing.
+async fn write_part<S: ObjectStore>(
+    store: &S,
+    config: &HarvestConfig,
+    batch_id: &str,
+    part: u32,
+    rows: &[crate::records::LabelRecord],
+) -> Result<(), HarvestError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let task = &config.task;
+    let key = dataset::part_key(task.name(), task.version(), batch_id, part);
+    let bytes = dataset::write_part(task, rows)?;
+    store
+        .put(
+            &config.bucket,
+            &key,
+            bytes,
+            dataset::PARQUET_CONTENT_TYPE,
+            WriteCondition::Overwrite,
+        )
+        .await?;
+    Ok(())
+}
+
 /// After the state record says harvested: the open marker and the batch's slot go.
 async fn closed<S: ObjectStore>(store: &S, bucket: &str, batch_id: &str, manifest: &Manifest) {
     remove_open_marker(store, bucket, batch_id).await;
@@ -281,83 +323,86 @@ async fn harvest_shard<S: ObjectStore, Q: Queue>(
     let bucket = &config.bucket;
     let done_key = state_keys::shard_done(&batch.id, shard);
     let plan = shards::read_plan(store, config, &batch.id).await?;
-    let counts =
-        match read_json::<S, ShardDone>(store, bucket, &done_key).await? {
-            // Done before (a redelivered message): only the finish may be left.
-            Some((done, _)) => done.counts,
-            None => {
-                let range = plan.shards.get(shard as usize).copied().ok_or_else(|| {
-                    HarvestError::NotOurs {
-                        batch_id: batch.id.clone(),
-                        reason: format!("its plan has no shard {shard}"),
-                    }
-                })?;
-                let file = plan
-                    .files
-                    .get(range.file)
+    let counts = match read_json::<S, ShardDone>(store, bucket, &done_key).await? {
+        // Done before (a redelivered message): only the finish may be left.
+        Some((done, _)) => done.counts,
+        None => {
+            let range =
+                plan.shards
+                    .get(shard as usize)
+                    .copied()
                     .ok_or_else(|| HarvestError::NotOurs {
                         batch_id: batch.id.clone(),
-                        reason: format!("its plan has no file {}", range.file),
+                        reason: format!("its plan has no shard {shard}"),
                     })?;
-                let bytes = store
-                    .get_range(bucket, &file.key, range.start, range.end)
-                    .await?;
-                let task = task_ref(&config.task);
-                let records = TerminalRecords::new(store, &config.layout, &task);
-                let mut run = BatchHarvest {
-                    config,
-                    records,
-                    batch,
-                    manifest,
-                    seen: HashSet::new(),
-                    counts: HarvestCounts::default(),
-                    results: Vec::new(),
-                    retries: Vec::new(),
-                    unreadable: Vec::new(),
-                };
-                run.read_lines(Box::pin(std::io::Cursor::new(bytes)), &file.file_id)
-                    .await?;
-                let BatchHarvest {
-                    mut counts,
+            let file = plan
+                .files
+                .get(range.file)
+                .ok_or_else(|| HarvestError::NotOurs {
+                    batch_id: batch.id.clone(),
+                    reason: format!("its plan has no file {}", range.file),
+                })?;
+            let bytes = store
+                .get_range(bucket, &file.key, range.start, range.end)
+                .await?;
+            let task = task_ref(&config.task);
+            let records = TerminalRecords::new(store, &config.layout, &task);
+            let mut run = BatchHarvest {
+                config,
+                records,
+                batch,
+                manifest,
+                seen: HashSet::new(),
+                counts: HarvestCounts::default(),
+                results: Vec::new(),
+                retries: Vec::new(),
+                unreadable: Vec::new(),
+                rows: Vec::new(),
+            };
+            Box::pin(run.read_lines(Box::pin(std::io::Cursor::new(bytes)), &file.file_id)).await?;
+            let BatchHarvest {
+                mut counts,
+                results,
+                retries,
+                seen,
+                unreadable,
+                rows,
+                ..
+            } = run;
+            write_part(store, config, &batch.id, shard, &rows).await?;
+            let plan_key = state_keys::shard_retries(&batch.id, shard);
+            let (retried, failed) =
+                requeue(store, queue, config, records, &batch.id, &plan_key, retries).await?;
+            counts.retried += retried;
+            counts.failed += failed;
+            store
+                .put(
+                    bucket,
+                    &state_keys::shard_results(&batch.id, shard),
                     results,
-                    retries,
-                    seen,
-                    unreadable,
-                    ..
-                } = run;
-                let plan_key = state_keys::shard_retries(&batch.id, shard);
-                let (retried, failed) =
-                    requeue(store, queue, config, records, &batch.id, &plan_key, retries).await?;
-                counts.retried += retried;
-                counts.failed += failed;
-                store
-                    .put(
-                        bucket,
-                        &state_keys::shard_results(&batch.id, shard),
-                        results,
-                        "application/x-ndjson",
-                        WriteCondition::Overwrite,
-                    )
-                    .await?;
-                let done = ShardDone {
-                    shard,
-                    counts,
-                    seen: seen.into_iter().collect(),
-                    unreadable,
-                };
-                store
-                    .put(
-                        bucket,
-                        &done_key,
-                        serde_json::to_vec(&done)?,
-                        "application/json",
-                        WriteCondition::Overwrite,
-                    )
-                    .await?;
-                counts
-            }
-        };
-    let finished = finish_shards(store, queue, config, batch, manifest, &plan).await?;
+                    "application/x-ndjson",
+                    WriteCondition::Overwrite,
+                )
+                .await?;
+            let done = ShardDone {
+                shard,
+                counts,
+                seen: seen.into_iter().collect(),
+                unreadable,
+            };
+            store
+                .put(
+                    bucket,
+                    &done_key,
+                    serde_json::to_vec(&done)?,
+                    "application/json",
+                    WriteCondition::Overwrite,
+                )
+                .await?;
+            counts
+        }
+    };
+    let finished = Box::pin(finish_shards(store, queue, config, batch, manifest, &plan)).await?;
     Ok(HarvestOutcome::ShardHarvested {
         batch_id: batch.id.clone(),
         shard,
@@ -408,6 +453,7 @@ async fn finish_shards<S: ObjectStore, Q: Queue>(
         results: Vec::new(),
         retries: Vec::new(),
         unreadable,
+        rows: Vec::new(),
     };
     run.settle_missing().await?;
     let BatchHarvest {
@@ -488,7 +534,7 @@ pub async fn reconcile<S: ObjectStore, Q: Queue, P: BatchProvider>(
             origin: "reconcile".into(),
             shard: None,
         };
-        match harvest(store, queue, provider, config, &request).await {
+        match Box::pin(harvest(store, queue, provider, config, &request)).await {
             Ok(HarvestOutcome::NotFinished { .. }) => report.still_running += 1,
             Ok(HarvestOutcome::Harvested { counts, .. }) => {
                 report.harvested += 1;

@@ -60,13 +60,15 @@ pub async fn handle<S: ObjectStore, Q: Queue, P: BatchProvider>(
                 continue;
             }
         };
-        match harvest(
+        // Boxed: the harvest's future is large, and a debug build polling it inline
+        // overflowed a 2 MiB worker stack.
+        match Box::pin(harvest(
             &handler.store,
             &handler.queue,
             &handler.provider,
             &handler.harvest,
             &request,
-        )
+        ))
         .await
         {
             Ok(outcome) => {

@@ -261,3 +261,59 @@ pub async fn read_all<T: serde::de::DeserializeOwned>(
     }
     Ok(out)
 }
+
+/// An object store that fails writes to batch state records while `crash` is set: a
+/// harvest that dies after its labels and retries, before it records the batch done.
+pub struct CrashBeforeRecord<'a> {
+    pub inner: &'a S3Store,
+    pub crash: std::sync::atomic::AtomicBool,
+}
+
+impl shotlabel_core::ports::ObjectStore for CrashBeforeRecord<'_> {
+    async fn get(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<shotlabel_core::ports::StoredObject, shotlabel_core::ports::StoreError> {
+        self.inner.get(bucket, key).await
+    }
+    async fn head(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<shotlabel_core::ports::ObjectInfo>, shotlabel_core::ports::StoreError> {
+        self.inner.head(bucket, key).await
+    }
+    async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        condition: shotlabel_core::ports::WriteCondition,
+    ) -> Result<String, shotlabel_core::ports::StoreError> {
+        if self.crash.load(std::sync::atomic::Ordering::SeqCst) && key.starts_with("state/batches/")
+        {
+            return Err(shotlabel_core::ports::StoreError::Other(
+                "the process died here".into(),
+            ));
+        }
+        self.inner
+            .put(bucket, key, body, content_type, condition)
+            .await
+    }
+    async fn delete(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(), shotlabel_core::ports::StoreError> {
+        self.inner.delete(bucket, key).await
+    }
+    async fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<String>, shotlabel_core::ports::StoreError> {
+        self.inner.list(bucket, prefix).await
+    }
+}

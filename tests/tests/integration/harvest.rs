@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use crate::common::*;
 use batch_emulator::{EMULATOR_MODEL, FaultSettings};
-use shotlabel_aws::S3Store;
 use shotlabel_core::harvest::{HarvestOutcome, harvest, reconcile};
-use shotlabel_core::ports::{ObjectInfo, ObjectStore, StoreError, StoredObject, WriteCondition};
+use shotlabel_core::ports::ObjectStore;
 use shotlabel_core::records::Stage;
 use shotlabel_core::records::{
     BatchPhase, BatchRecord, FailedRecord, HarvestRequest, LabelRecord, state_keys,
@@ -424,43 +423,6 @@ async fn reconciliation_harvests_a_batch_whose_webhook_never_came() -> anyhow::R
     let after = reconcile(&stack.store, &stack.queue, &client, &config, Duration::ZERO).await?;
     assert_eq!(after.open, 0);
     Ok(())
-}
-
-/// An object store that fails writes to batch state records while `crash` is set: a
-/// harvest that dies after its labels and retries, before it records the batch done.
-struct CrashBeforeRecord<'a> {
-    inner: &'a S3Store,
-    crash: AtomicBool,
-}
-
-impl ObjectStore for CrashBeforeRecord<'_> {
-    async fn get(&self, bucket: &str, key: &str) -> Result<StoredObject, StoreError> {
-        self.inner.get(bucket, key).await
-    }
-    async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        self.inner.head(bucket, key).await
-    }
-    async fn put(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: Vec<u8>,
-        content_type: &str,
-        condition: WriteCondition,
-    ) -> Result<String, StoreError> {
-        if self.crash.load(Ordering::SeqCst) && key.starts_with("state/batches/") {
-            return Err(StoreError::Other("the process died here".into()));
-        }
-        self.inner
-            .put(bucket, key, body, content_type, condition)
-            .await
-    }
-    async fn delete(&self, bucket: &str, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(bucket, key).await
-    }
-    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.list(bucket, prefix).await
-    }
 }
 
 #[tokio::test]

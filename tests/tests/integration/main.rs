@@ -8,6 +8,7 @@ mod common;
 
 mod backfill;
 mod batch_client;
+mod dataset;
 mod dependencies;
 mod end_to_end;
 mod enqueue;
