@@ -32,6 +32,8 @@ pub enum Format {
     Jsonl,
     /// DIR/labels.jsonl, the images, and DIR/metadata.jsonl (Hugging Face imagefolder)
     Imagefolder,
+    /// DIR/labels.parquet, from the dataset parts (with --parts: the parts themselves)
+    Parquet,
 }
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +58,10 @@ pub struct ExportArgs {
     /// Downloads in flight at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+    /// With --format parquet: copy the dataset's parts below DIR (task=…/version=…/batch=…/)
+    /// instead of writing one file.
+    #[arg(long)]
+    pub parts: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -124,6 +130,34 @@ async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
 
     let out = args.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    if args.format == Format::Parquet {
+        let task = load_task(args.task.as_deref())?;
+        let prefix = match &version {
+            Some(version) => shotlabel_core::dataset::version_prefix(task.name(), version),
+            None => shotlabel_core::dataset::task_prefix(task.name()),
+        };
+        let mut summary =
+            crate::export_parquet::export(&aws, &bucket, &prefix, &out, args.parts).await?;
+        summary.task_version = version.clone();
+        if args.json {
+            println!("{}", serde_json::to_string(&summary)?);
+        } else {
+            let target = if args.parts {
+                out.display().to_string()
+            } else {
+                out.join(crate::export_parquet::PARQUET_FILE)
+                    .display()
+                    .to_string()
+            };
+            println!(
+                "exported {} label(s) from {} dataset part(s) (task version {}) to {target}",
+                summary.labels,
+                summary.parts,
+                version.as_deref().unwrap_or("any")
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut labels_file = JsonlFile::create(&out, LABELS_FILE)?;
     let mut metadata_file = if images {
         Some(JsonlFile::create(&out, METADATA_FILE)?)

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod backfill;
 mod export;
+mod export_parquet;
 mod local;
 mod prep;
 mod redrive;

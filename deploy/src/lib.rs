@@ -28,6 +28,11 @@ pub enum Prefix {
 pub const LABELS: Prefix = Prefix::Fixed("labels/");
 /// Failed records: `failed/<key below the input prefix>.json`.
 pub const FAILED: Prefix = Prefix::Fixed("failed/");
+/// The labels as Parquet parts, one per harvest or shard:
+/// `dataset/task=<name>/version=<version>/batch=<id>/part-<n>.parquet` ([`shotlabel_core::dataset::part_key`]).
+pub const DATASET: Prefix = Prefix::Fixed(shotlabel_core::dataset::DATASET_PREFIX);
+/// Athena's query results from the template's workgroup (no function touches them).
+pub const ATHENA_RESULTS: &str = "athena-results/";
 /// One JSONL of outcomes per harvested batch ([`shotlabel_core::records::state_keys::results`]).
 pub const RESULTS: Prefix = Prefix::Fixed("results/");
 /// Manifests, written before their batch exists ([`shotlabel_core::records::state_keys::manifest`]).
@@ -51,9 +56,16 @@ pub const OUTPUTS: Prefix = Prefix::Fixed("state/outputs/");
 /// The provider's shared pacing state: the upload clock ([`shotlabel_core::records::state_keys::UPLOAD_CLOCK`]).
 pub const PROVIDER_STATE: Prefix = Prefix::Fixed("state/provider/");
 
-/// Every prefix the pipeline writes to. The input prefix may not lie under any of them,
-/// or the pipeline's own writes would trigger it.
-pub const OUTPUT_PREFIXES: [&str; 4] = ["labels/", "failed/", "results/", "state/"];
+/// Every prefix the pipeline (or Athena, for its workgroup) writes to. The input prefix
+/// may not lie under any of them, or the pipeline's own writes would trigger it.
+pub const OUTPUT_PREFIXES: [&str; 6] = [
+    "labels/",
+    "failed/",
+    "results/",
+    "state/",
+    shotlabel_core::dataset::DATASET_PREFIX,
+    ATHENA_RESULTS,
+];
 
 /// What a grant applies to. Queues and secrets are named by their logical id in
 /// `template.yaml`.
@@ -192,7 +204,8 @@ pub const PROVIDER: &[Grant] = &[Grant::new(
 /// [`shotlabel_core::harvest::harvest`] of a request that names its batch (every reconciliation,
 /// and Standard Webhooks deliveries): the state record, manifest and retry plan; labels
 /// (checked, written); the source object (HEAD, before replacing another version's label);
-/// results, failed records, retry plans and the state record written; the open marker
+/// results, failed records, retry plans, the dataset part (one PUT, overwritten when the
+/// harvest is repeated; never read back) and the state record written; the open marker
 /// removed, and a failed record a label supersedes (read, removed); the batch's open-batch
 /// slot given back (read, removed); retries sent to the pending queue. A batch over the
 /// shard size is planned (its files copied, the plan written and read) and its shards
@@ -218,6 +231,7 @@ pub const HARVEST: &[Grant] = &[
             Resource::Objects(LABELS),
             Resource::Objects(FAILED),
             Resource::Objects(RESULTS),
+            Resource::Objects(DATASET),
             Resource::Objects(BATCHES),
             Resource::Objects(RETRIES),
             Resource::Objects(SHARDS),
@@ -287,6 +301,15 @@ mod tests {
         assert!(under(RETRIES, &state_keys::shard_retries("batch_1", 2)));
         assert!(under(RESULTS, &state_keys::shard_results("batch_1", 2)));
         assert!(under(PROVIDER_STATE, state_keys::UPLOAD_CLOCK));
+        assert!(under(
+            DATASET,
+            &shotlabel_core::dataset::part_key(
+                "website-judgement",
+                "0123456789abcdef",
+                "batch_1",
+                0
+            )
+        ));
         for prefix in [
             LABELS,
             FAILED,
@@ -301,6 +324,7 @@ mod tests {
             PROVIDER_STATE,
             SHARDS,
             OUTPUTS,
+            DATASET,
         ] {
             let Prefix::Fixed(p) = prefix else {
                 unreachable!()

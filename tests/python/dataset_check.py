@@ -3,6 +3,7 @@
 Run by `tests/tests/integration/dataset.rs` (not collected by pytest on its own):
 
     python dataset_check.py DIR TASK_NAME
+    python dataset_check.py export DIR TASK_NAME   # DIR/export/labels.parquet, with datasets
 
 DIR holds `dataset/task=.../version=.../batch=.../part-N.parquet` as the harvest wrote
 it and `labels.jsonl`, the label objects (`labels/<key>.json`) of the same harvest, one
@@ -148,9 +149,35 @@ def check_duckdb(root: Path, task: str, columns: dict, expected: dict, version: 
     print(f"duckdb: {len(result)} rows, types, values and partition columns match")
 
 
+def check_export(root: Path, task: str, expected: dict) -> None:
+    """`shotlabel export --format parquet` output, loaded with Hugging Face datasets."""
+    import datasets
+
+    loaded = datasets.load_dataset(
+        "parquet",
+        data_files=str(root / "export" / "labels.parquet"),
+        split="train",
+        cache_dir=str(root / "hf-cache"),
+    )
+    if loaded.num_rows != len(expected):
+        fail(f"datasets loads {loaded.num_rows} rows, the labels are {len(expected)}")
+    for row in loaded:
+        want = expected.get(row["source_key"])
+        if want is None:
+            fail(f"exported row for {row['source_key']} has no label")
+        for name in ANSWERS[task]:
+            if row[name] != want[name]:
+                fail(f"exported {name} of {row['source_key']}: {row[name]} != {want[name]}")
+        if row["batch_id"] != want["batch_id"] or row["custom_id"] != want["custom_id"]:
+            fail(f"exported provenance of {row['source_key']}: {row}")
+    print(f"datasets: {loaded.num_rows} exported rows match the labels")
+
+
 def main() -> None:
-    root = Path(sys.argv[1])
-    task = sys.argv[2]
+    export = sys.argv[1] == "export"
+    args = sys.argv[2:] if export else sys.argv[1:]
+    root = Path(args[0])
+    task = args[1]
     columns = {**ANSWERS[task], **PROVENANCE}
     labels = [
         json.loads(line)
@@ -160,6 +187,9 @@ def main() -> None:
     if not labels:
         fail("no labels to check against")
     expected = {label["source"]["key"]: expected_row(label, ANSWERS[task]) for label in labels}
+    if export:
+        check_export(root, task, expected)
+        return
     versions = {label["task"]["version"] for label in labels}
     if len(versions) != 1:
         fail(f"labels of several task versions: {versions}")

@@ -9,7 +9,14 @@ use shotlabel_core::records::{BatchRecord, FailedRecord, LabelRecord};
 const CONCURRENT_READS: usize = 16;
 
 /// Where the pipeline writes; with an empty input prefix these are not inputs.
-const OUTPUT_PREFIXES: [&str; 4] = ["labels/", "failed/", "state/", "results/"];
+const OUTPUT_PREFIXES: [&str; 6] = [
+    "labels/",
+    "failed/",
+    "state/",
+    "results/",
+    "dataset/",
+    "athena-results/",
+];
 
 /// Everything read from the bucket.
 #[derive(Debug, Default)]

@@ -306,7 +306,7 @@ async fn write_report(stack: &Stack, format: Format, entries: &[Entry]) -> anyho
 /// The `shotlabel` binary. This test binary lives in another package, so cargo gives it no
 /// `CARGO_BIN_EXE_shotlabel`: it is built here (with the same workspace-wide features as
 /// this binary, so normally nothing is compiled), or taken from `SHOTLABEL_BIN`.
-fn shotlabel_bin() -> anyhow::Result<PathBuf> {
+pub(crate) fn shotlabel_bin() -> anyhow::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     if let Some(path) = std::env::var_os("SHOTLABEL_BIN") {
         return Ok(path.into());
@@ -345,7 +345,7 @@ fn build_shotlabel() -> anyhow::Result<PathBuf> {
 }
 
 /// Runs the binary against the stack with exactly this environment (nothing inherited).
-fn shotlabel(stack: &Stack, args: &[&str]) -> anyhow::Result<Output> {
+pub(crate) fn shotlabel(stack: &Stack, args: &[&str]) -> anyhow::Result<Output> {
     let home = stack.work_dir.path().to_string_lossy().into_owned();
     let env = [
         ("AWS_ENDPOINT_URL", stack.moto.endpoint()),

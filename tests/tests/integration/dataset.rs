@@ -116,10 +116,37 @@ async fn labelled_dataset(name: &str, task: Task) -> anyhow::Result<()> {
     }
     std::fs::write(dir.path().join("labels.jsonl"), lines)?;
 
+    check_with_python(&[dir.path().to_str().context("a UTF-8 path")?, task.name()])?;
+
+    // `shotlabel export --format parquet` reads the parts (not labels/) into one file,
+    // which Hugging Face `datasets` loads.
+    let export_dir = dir.path().join("export");
+    let out = export_dir.to_str().context("a UTF-8 path")?;
+    let mut args = vec!["export", "--format", "parquet", "--out", out];
+    let task_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks/caption.toml");
+    let task_file = task_file.to_str().context("a UTF-8 path")?;
+    if task.name() == "caption" {
+        args.extend(["--task", task_file]);
+    }
+    let exported = crate::backfill::shotlabel(&stack, &args)?;
+    ensure!(
+        exported.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    check_with_python(&[
+        "export",
+        dir.path().to_str().context("a UTF-8 path")?,
+        task.name(),
+    ])?;
+    Ok(())
+}
+
+/// Runs `tests/python/dataset_check.py` with the venv's Python.
+fn check_with_python(args: &[&str]) -> anyhow::Result<()> {
     let output = std::process::Command::new(venv_python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/dataset_check.py"))
-        .arg(dir.path())
-        .arg(task.name())
+        .args(args)
         .output()
         .context("running the venv's Python (make venv)")?;
     ensure!(

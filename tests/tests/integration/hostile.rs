@@ -35,7 +35,14 @@ use shotlabel_localstack::pipeline::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const OUTPUT_PREFIXES: [&str; 5] = ["incoming/", "labels/", "failed/", "results/", "state/"];
+const OUTPUT_PREFIXES: [&str; 6] = [
+    "incoming/",
+    "labels/",
+    "failed/",
+    "results/",
+    "state/",
+    "dataset/",
+];
 
 fn screenshot() -> anyhow::Result<Vec<u8>> {
     Ok(std::fs::read(data("screenshots").join("saas-landing.png"))?)

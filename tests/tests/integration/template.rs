@@ -23,12 +23,17 @@
 //!   one the pipeline writes to; visibility timeouts outlast the functions that hold the
 //!   messages; every dead-letter queue and every function has an alarm; every output the
 //!   CLI reads exists; logs are JSON into a log group with a retention.
+//! - **Dataset.** The Glue table over the built-in task's parts has exactly the columns
+//!   `shotlabel_core::dataset::glue_columns` gives that task, in order, and projects the
+//!   task's current version; the Athena workgroup's results go under `athena-results/`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
 use serde_norway::{Mapping, Value};
+use shotlabel_core::dataset;
+use shotlabel_core::task::Task;
 use shotlabel_deploy::{self as deploy, Deployment, Env, Prefix, Resource};
 
 fn template() -> Value {
@@ -895,4 +900,202 @@ fn the_public_receiver_holds_no_provider_key_and_no_pending_queue() {
     };
     assert_eq!(binary("WebhookFunction").as_deref(), Some("webhook"));
     assert_eq!(binary("HarvestFunction").as_deref(), Some("harvest"));
+}
+
+/// The Glue table over the built-in task's parts is the code's: its columns are
+/// `glue_columns` of the default task (names and types, in order), so a change to the
+/// task's schema fails here until `shotlabel task columns` regenerates them; it reads that
+/// task's prefix, with partition projection on the task version whose default values list
+/// the task's current version. The Athena workgroup enforces its configuration and writes
+/// its results, encrypted, under `athena-results/`, which expires.
+#[test]
+fn the_dataset_table_is_the_default_tasks() {
+    let template = Template::load();
+    let task = Task::default_task().expect("the built-in task loads");
+    let expected = dataset::glue_columns(&task).expect("the built-in task has dataset columns");
+
+    let tables = template.of_type("AWS::Glue::Table");
+    assert_eq!(
+        tables.len(),
+        1,
+        "one table, over the built-in task: {tables:?}"
+    );
+    let table = template.properties(&tables[0]);
+    let database = ref_of(&table["DatabaseName"]).expect("DatabaseName is a !Ref");
+    assert_eq!(template.type_of(database), Some("AWS::Glue::Database"));
+    let input = &table["TableInput"];
+    let name = input["Name"].as_str().unwrap_or_default();
+    assert!(
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        "Glue and Athena names are lower case, without hyphens: {name:?}"
+    );
+
+    let storage = &input["StorageDescriptor"];
+    let declared: Vec<(String, String)> = storage["Columns"]
+        .as_sequence()
+        .expect("the table has Columns")
+        .iter()
+        .map(|column| {
+            (
+                column["Name"].as_str().unwrap_or_default().to_owned(),
+                column["Type"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        declared, expected,
+        "{}'s Columns are not the built-in task's: regenerate them with `shotlabel task columns`",
+        tables[0]
+    );
+    let partition_keys: Vec<(&str, &str)> = input["PartitionKeys"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|k| {
+            (
+                k["Name"].as_str().unwrap_or_default(),
+                k["Type"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        partition_keys,
+        [("version", "string")],
+        "batch is no partition"
+    );
+    assert_eq!(
+        storage["SerdeInfo"]["SerializationLibrary"].as_str(),
+        Some("org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe")
+    );
+    assert_eq!(
+        storage["InputFormat"].as_str(),
+        Some("org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat")
+    );
+    assert_eq!(
+        storage["OutputFormat"].as_str(),
+        Some("org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat")
+    );
+
+    // Where the parts are: the task's prefix of the bucket, one partition per version.
+    let root = format!(
+        "s3://${{{}}}/{}",
+        deploy_bucket(),
+        dataset::task_prefix(task.name())
+    );
+    let location = sub_of(&storage["Location"]).expect("the location is a !Sub of the bucket");
+    assert!(
+        location.starts_with(&root),
+        "{location} is not under {root}"
+    );
+    let parameters = &input["Parameters"];
+    assert_eq!(parameters["projection.enabled"].as_str(), Some("true"));
+    assert_eq!(parameters["projection.version.type"].as_str(), Some("enum"));
+    let location_template = sub_of(&parameters["storage.location.template"])
+        .expect("storage.location.template is a !Sub of the bucket");
+    assert!(
+        location_template.starts_with(&root),
+        "{location_template} is not under {root}"
+    );
+    // `${!version}` is how !Sub writes Athena's `${version}`.
+    assert!(
+        location_template.ends_with("/version=${!version}/"),
+        "{location_template} has one folder per version, as the harvest writes them \
+         ({})",
+        dataset::version_prefix(task.name(), "<version>")
+    );
+    let versions = ref_of(&parameters["projection.version.values"])
+        .expect("the projected versions are a parameter");
+    let default_versions = template.root["Parameters"][versions]["Default"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        default_versions.split(',').any(|v| v == task.version()),
+        "{versions}'s default ({default_versions}) lacks the built-in task's version {}: \
+         Athena would not see its labels",
+        task.version()
+    );
+
+    // The workgroup: its configuration enforced, its results under athena-results/.
+    let groups = template.of_type("AWS::Athena::WorkGroup");
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    let configuration = &template.properties(&groups[0])["WorkGroupConfiguration"];
+    assert_eq!(
+        configuration["EnforceWorkGroupConfiguration"].as_bool(),
+        Some(true)
+    );
+    assert!(ref_of(&configuration["BytesScannedCutoffPerQuery"]).is_some());
+    let results = &configuration["ResultConfiguration"];
+    let output = sub_of(&results["OutputLocation"]).expect("a !Sub of the bucket");
+    let results_root = format!("s3://${{{}}}/{}", deploy_bucket(), deploy::ATHENA_RESULTS);
+    assert!(output.starts_with(&results_root), "{output}");
+    assert_eq!(
+        results["EncryptionConfiguration"]["EncryptionOption"].as_str(),
+        Some("SSE_S3")
+    );
+    let expired: Vec<&str> =
+        template.properties(deploy_bucket())["LifecycleConfiguration"]["Rules"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter(|r| !r["ExpirationInDays"].is_null())
+            .filter_map(|r| r["Prefix"].as_str())
+            .collect();
+    assert!(expired.contains(&deploy::ATHENA_RESULTS), "{expired:?}");
+}
+
+/// The policy a data team attaches to query the labels names every resource, and writes
+/// only query results.
+#[test]
+fn the_dataset_query_policy_reads_the_dataset_and_writes_only_results() {
+    let template = Template::load();
+    let policies = template.of_type("AWS::IAM::ManagedPolicy");
+    assert_eq!(policies.len(), 1, "{policies:?}");
+    let bucket_arn = "${Bucket.Arn}";
+    for statement in template.properties(&policies[0])["PolicyDocument"]["Statement"]
+        .as_sequence()
+        .expect("statements")
+    {
+        assert_eq!(statement["Effect"].as_str(), Some("Allow"));
+        for resource in items(&statement["Resource"]) {
+            assert_ne!(resource.as_str(), Some("*"), "{statement:?}");
+            assert!(
+                sub_of(resource).is_some() || get_att(resource).is_some(),
+                "a named resource: {resource:?}"
+            );
+        }
+        let actions = strings(&statement["Action"]);
+        if actions.iter().any(|a| a == "s3:PutObject") {
+            for resource in items(&statement["Resource"]) {
+                assert_eq!(
+                    sub_of(resource),
+                    Some(format!("{bucket_arn}/{}*", deploy::ATHENA_RESULTS).as_str())
+                );
+            }
+        }
+        if actions.iter().any(|a| a == "s3:GetObject") {
+            for resource in items(&statement["Resource"]) {
+                let arn = sub_of(resource).unwrap_or_default();
+                assert!(
+                    arn == format!("{bucket_arn}/{}*", shotlabel_core::dataset::DATASET_PREFIX)
+                        || arn == format!("{bucket_arn}/{}*", deploy::ATHENA_RESULTS),
+                    "{arn}"
+                );
+            }
+        }
+        if actions.iter().any(|a| a == "s3:ListBucket") {
+            assert!(
+                !statement["Condition"]["StringLike"]["s3:prefix"].is_null(),
+                "listing is limited by prefix"
+            );
+        }
+    }
+    assert!(
+        !template.root["Outputs"]["DatasetQueryPolicyArn"]["Value"].is_null()
+            && !template.root["Outputs"]["DatasetWorkGroup"]["Value"].is_null()
+            && !template.root["Outputs"]["DatasetTable"]["Value"].is_null()
+            && !template.root["Outputs"]["DatasetDatabase"]["Value"].is_null()
+    );
 }
