@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod backfill;
+mod dataset_cmd;
 mod export;
-mod export_parquet;
 mod local;
 mod prep;
 mod redrive;
@@ -36,8 +36,12 @@ enum Command {
     Status(status::StatusArgs),
     /// Move dead-letter messages back to the pending (or, with --harvest, harvest) queue.
     Redrive(redrive::RedriveArgs),
-    /// Write the labels as JSONL, or as a Hugging Face imagefolder with the images.
+    /// Write the labels as JSONL, Parquet, or a Hugging Face imagefolder with the images,
+    /// from the dataset's Parquet parts.
     Export(export::ExportArgs),
+    /// The dataset's Parquet parts: rebuild those of labels that have none.
+    #[command(subcommand)]
+    Dataset(dataset_cmd::DatasetCommand),
     /// Write one self-contained HTML page about the labels: counts, a chart per label
     /// field, thumbnails grouped by label, and every failure with its reasons.
     Report {
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Redrive(args) => redrive::run(args),
         Command::Export(args) => export::run(args),
+        Command::Dataset(command) => dataset_cmd::run(command),
         Command::Report {
             stack,
             out,

@@ -18,6 +18,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use shotlabel_aws::S3Store;
 use shotlabel_core::answer::Usage;
+use shotlabel_core::dataset;
 use shotlabel_core::memory::MemoryStore;
 use shotlabel_core::ports::{ObjectStore, WriteCondition};
 use shotlabel_core::records::{
@@ -46,13 +47,14 @@ fn task_ref(task: &Task) -> TaskRef {
     }
 }
 
-/// Puts an input and its label record (built with the real struct), returning the label.
+/// Puts an input, its label record (built with the real struct) and, as the harvest does,
+/// a dataset part holding it: the report reads the parts.
 async fn put_labelled<S: ObjectStore>(
     store: &S,
     bucket: &str,
     key: &str,
     body: Vec<u8>,
-    task: &TaskRef,
+    task: &Task,
     model: &str,
     label: Value,
 ) -> anyhow::Result<()> {
@@ -70,7 +72,7 @@ async fn put_labelled<S: ObjectStore>(
             size,
             version_id: None,
         },
-        task: task.clone(),
+        task: task_ref(task),
         model: model.into(),
         provenance: Provenance {
             batch_id: "batch_report_1".into(),
@@ -94,6 +96,21 @@ async fn put_labelled<S: ObjectStore>(
             &label_key,
             serde_json::to_vec(&record)?,
             "application/json",
+            WriteCondition::Overwrite,
+        )
+        .await?;
+    let part = dataset::part_key(
+        task.name(),
+        task.version(),
+        &record.provenance.batch_id,
+        u32::try_from(size)?,
+    );
+    store
+        .put(
+            bucket,
+            &part,
+            dataset::write_part(task, &[record])?,
+            dataset::PARQUET_CONTENT_TYPE,
             WriteCondition::Overwrite,
         )
         .await?;
@@ -248,7 +265,8 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
     let resources = create_resources(&config, "report-test").await?;
     let bucket = resources.bucket.as_str();
     let store = S3Store::new(s3_client(&config));
-    let task = task_ref(&Task::default_task()?);
+    let default_task = Task::default_task()?;
+    let task = &default_task;
     let emulator = report::EMULATOR_MODEL;
 
     // Known labels: aesthetic 1:1, 2:1, 3:1, 4:4, 5:2; landing page yes:4, no:5.
@@ -279,7 +297,7 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
             bucket,
             key,
             screenshot(file)?,
-            &task,
+            task,
             emulator,
             label,
         )
@@ -291,7 +309,7 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
         bucket,
         "incoming/notes.png",
         b"these are notes, not a picture".to_vec(),
-        &task,
+        task,
         emulator,
         json!({"landing_page": false, "aesthetic": 2}),
     )
@@ -315,7 +333,7 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
             size: 17,
             version_id: None,
         },
-        task.clone(),
+        task_ref(task),
         vec![
             AttemptReason {
                 attempt: 0,
@@ -338,7 +356,8 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
             WriteCondition::Overwrite,
         )
         .await?;
-    // An input still in flight, and a record nobody can read.
+    // An input still in flight, and a dataset part nobody can read.
+    let garbage_part = dataset::part_key(task.name(), task.version(), "batch_garbage", 0);
     store
         .put(
             bucket,
@@ -351,9 +370,9 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
     store
         .put(
             bucket,
-            "labels/garbage.png.json",
-            b"{ not json".to_vec(),
-            "application/json",
+            &garbage_part,
+            b"PAR1 not parquet".to_vec(),
+            dataset::PARQUET_CONTENT_TYPE,
             WriteCondition::Overwrite,
         )
         .await?;
@@ -367,8 +386,8 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
         completion_tokens: 180,
     };
     for record in [
-        batch_record("batch_report_1", &task, Some(harvest)),
-        batch_record("batch_report_2", &task, None),
+        batch_record("batch_report_1", &task_ref(task), Some(harvest)),
+        batch_record("batch_report_2", &task_ref(task), None),
     ] {
         store
             .put(
@@ -500,8 +519,8 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
     assert!(dom.contains("<td>validate</td>"));
     assert!(dom.contains("the answer was not JSON: &lt;img src=x onerror="));
     assert!(
-        dom.contains("labels/garbage.png.json"),
-        "the unreadable record is not named"
+        dom.contains(garbage_part.as_str()),
+        "the unreadable part is not named"
     );
 
     // The emulator warning, and the hostile key shown as text.
@@ -548,9 +567,15 @@ async fn the_report_renders_counts_charts_thumbnails_and_failures() -> anyhow::R
 async fn free_text_is_captioned_not_charted_and_the_gallery_cap_is_reported() -> anyhow::Result<()>
 {
     let store = MemoryStore::default();
-    let caption_task =
-        Task::from_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks/caption.toml"))?;
-    let task = task_ref(&caption_task);
+    // The caption task with one more field, a short repeating one.
+    let mut spec =
+        Task::from_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks/caption.toml"))?
+            .spec()
+            .clone();
+    spec.response_schema.schema["properties"]["kind"] = json!({"type": "string"});
+    spec.response_schema.schema["required"] = json!(["caption", "tags", "kind"]);
+    let caption_task = Task::new(spec)?;
+    let task = &caption_task;
     let model = "google/gemma-3-27b-instruct/bf-16";
     let items = [
         (
@@ -582,7 +607,7 @@ async fn free_text_is_captioned_not_charted_and_the_gallery_cap_is_reported() ->
     for (file, kind, caption) in items {
         let label = json!({"caption": caption, "tags": ["web", kind], "kind": kind});
         let key = format!("incoming/{file}");
-        put_labelled(&store, "b", &key, screenshot(file)?, &task, model, label).await?;
+        put_labelled(&store, "b", &key, screenshot(file)?, task, model, label).await?;
     }
 
     let dir = tempfile::tempdir()?;
@@ -617,7 +642,10 @@ async fn free_text_is_captioned_not_charted_and_the_gallery_cap_is_reported() ->
     assert!(html.contains("kind: web page <span class=\"n\">3 images</span>"));
     assert!(html.contains("kind: document <span class=\"n\">2 images</span>"));
     assert!(html.contains("<span>tags: web, document</span>"));
-    assert!(html.contains("<span>caption: A documentation page with a sidebar"));
+    assert!(
+        html.contains("<span>caption: A documentation page with a sidebar"),
+        "{html}"
+    );
     // The cap is shared between the groups and says what it left out.
     assert_eq!(
         html.matches("<img src=\"data:image/jpeg;base64,").count(),

@@ -2,9 +2,11 @@
 
 moto (in-process, `ThreadedMotoServer`) stands in for S3. The test puts fixture
 screenshots under `incoming/` and label records under `labels/` exactly as the harvest
-writes them, runs the `shotlabel` binary (SHOTLABEL_BIN, default target/debug/shotlabel
-under the repository root; build it with `cargo build -p shotlabel-cli`), and loads the
-folder with `datasets.load_dataset("imagefolder", data_dir=DIR)`.
+writes them, has `shotlabel dataset rebuild` write their Parquet parts (as for labels
+harvested before the harvest wrote parts), runs `shotlabel export`, which reads the parts,
+with the binary (SHOTLABEL_BIN, default target/debug/shotlabel under the repository root;
+build it with `cargo build -p shotlabel-cli`), and loads the folder with
+`datasets.load_dataset("imagefolder", data_dir=DIR)`.
 """
 
 from __future__ import annotations
@@ -116,12 +118,23 @@ def test_imagefolder_export_loads_with_datasets(
         key = f"incoming/{relative}"
         body = (SCREENSHOTS / fixture).read_bytes()
         etag = s3.put_object(Bucket=BUCKET, Key=key, Body=body)["ETag"].strip('"')
-        answer = {**truth[fixture], "notes": {"fixture": fixture, "tags": ["a", "b"]}}
+        answer = dict(truth[fixture])
         record = label_record(key, etag, version, answer)
         s3.put_object(
             Bucket=BUCKET, Key=f"labels/{relative}.json", Body=json.dumps(record).encode()
         )
         expected[key] = (fixture, answer)
+
+    rebuilt = subprocess.run(
+        [str(binary), "dataset", "rebuild", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    rebuild = json.loads(rebuilt.stdout)
+    assert rebuild["parts_written"] == 1 and rebuild["rows_written"] == len(IMAGES) + 1, rebuild
 
     root = tmp_path / "export"
     out = root / "dataset"
@@ -135,6 +148,7 @@ def test_imagefolder_export_loads_with_datasets(
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["images"] == len(IMAGES), summary
+    assert summary["parts"] == 1, summary
     assert summary["refused"] == 1, summary
     assert HOSTILE_KEY in run.stderr
     # Nothing was written outside the dataset folder.
@@ -156,7 +170,7 @@ def test_imagefolder_export_loads_with_datasets(
 
     assert dataset.num_rows == len(IMAGES)
     assert isinstance(dataset.features["image"], datasets.Image)
-    assert {"landing_page", "aesthetic", "notes", "key", "etag", "task_version"} <= set(
+    assert {"landing_page", "aesthetic", "key", "etag", "task_version"} <= set(
         dataset.column_names
     )
     seen = set()
@@ -169,7 +183,6 @@ def test_imagefolder_export_loads_with_datasets(
             assert image.convert("RGB").tobytes() == original.convert("RGB").tobytes()
         assert row["landing_page"] == answer["landing_page"]
         assert row["aesthetic"] == answer["aesthetic"]
-        assert json.loads(row["notes"]) == answer["notes"]
         assert row["task_version"] == version
         assert row["model"] == "fixture-model"
         seen.add(key)

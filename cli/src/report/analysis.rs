@@ -57,22 +57,22 @@ pub(super) fn summarise(data: &BucketData, input_prefix: &str) -> ReportSummary 
     }
 }
 
-/// Inputs that have no terminal record yet. Their record keys come from the layout,
-/// which shortens keys that would be over S3's limit.
+/// Inputs that have no terminal record yet: no label row names them as its source, and
+/// no failed record is at their key (from the layout, which shortens keys that would be
+/// over S3's limit).
 fn in_progress(data: &BucketData, input_prefix: &str) -> usize {
-    let terminal: HashSet<&str> = data
+    let labelled: HashSet<&str> = data
         .labels
         .iter()
-        .map(|(k, _)| k.as_str())
-        .chain(data.failed.iter().map(|(k, _)| k.as_str()))
+        .map(|(_, label)| label.source.key.as_str())
         .collect();
+    let failed: HashSet<&str> = data.failed.iter().map(|(k, _)| k.as_str()).collect();
     let layout = Layout::new(input_prefix);
     data.inputs
         .iter()
         .filter(|k| {
             let relative = layout.relative_or_key(k);
-            !terminal.contains(layout.label_key(relative).as_str())
-                && !terminal.contains(layout.failed_key(relative).as_str())
+            !labelled.contains(k.as_str()) && !failed.contains(layout.failed_key(relative).as_str())
         })
         .count()
 }

@@ -1,9 +1,12 @@
-//! Reading the bucket: the input keys and every label, failed and batch record.
+//! Reading the bucket: the input keys, every label (from the dataset's Parquet parts, one
+//! GET per part rather than one per label), and every failed and batch record.
 
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
+use shotlabel_core::dataset;
 use shotlabel_core::ports::{ObjectStore, StoreError};
 use shotlabel_core::records::{BatchRecord, FailedRecord, LabelRecord};
+use shotlabel_core::task::Task;
 
 /// Records read at once.
 const CONCURRENT_READS: usize = 16;
@@ -23,7 +26,8 @@ const OUTPUT_PREFIXES: [&str; 6] = [
 pub(super) struct BucketData {
     /// Keys of the objects under the input prefix.
     pub inputs: Vec<String>,
-    /// Label records with the key they were read from, in key order.
+    /// Label records with the key of the part they were read from, in the images' key
+    /// order; the latest row of an image relabelled in a later batch.
     pub labels: Vec<(String, LabelRecord)>,
     pub failed: Vec<(String, FailedRecord)>,
     pub batches: Vec<(String, BatchRecord)>,
@@ -37,6 +41,7 @@ pub(super) async fn gather<S: ObjectStore>(
     store: &S,
     bucket: &str,
     input_prefix: &str,
+    tasks: &[Task],
 ) -> anyhow::Result<BucketData> {
     let list = |prefix: &str| {
         let prefix = prefix.to_owned();
@@ -57,12 +62,16 @@ pub(super) async fn gather<S: ObjectStore>(
     let json_keys = |keys: Vec<String>| -> Vec<String> {
         keys.into_iter().filter(|k| k.ends_with(".json")).collect()
     };
-    let label_keys = json_keys(list("labels/").await?);
+    let part_keys: Vec<String> = list(dataset::DATASET_PREFIX)
+        .await?
+        .into_iter()
+        .filter(|k| k.ends_with(".parquet"))
+        .collect();
     let failed_keys = json_keys(list("failed/").await?);
     let batch_keys = json_keys(list("state/batches/").await?);
 
     let mut unreadable = Vec::new();
-    let labels = read_records::<_, LabelRecord>(store, bucket, label_keys, &mut unreadable).await;
+    let labels = read_parts(store, bucket, part_keys, tasks, &mut unreadable).await;
     let failed = read_records::<_, FailedRecord>(store, bucket, failed_keys, &mut unreadable).await;
     let batches = read_records::<_, BatchRecord>(store, bucket, batch_keys, &mut unreadable).await;
     Ok(BucketData {
@@ -72,6 +81,76 @@ pub(super) async fn gather<S: ObjectStore>(
         batches,
         unreadable,
     })
+}
+
+/// Reads every part's rows as label records, the latest per image and task version; what
+/// cannot be read goes to `unreadable`.
+async fn read_parts<S: ObjectStore>(
+    store: &S,
+    bucket: &str,
+    keys: Vec<String>,
+    tasks: &[Task],
+    unreadable: &mut Vec<(String, String)>,
+) -> Vec<(String, LabelRecord)> {
+    let results: Vec<(String, Result<Vec<_>, String>)> = stream::iter(keys)
+        .map(|key| async move {
+            let result = match store.get(bucket, &key).await {
+                Ok(object) => tokio::task::spawn_blocking(move || dataset::read_part(object.body))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|rows| rows.map_err(|e| format!("not a readable part: {e}"))),
+                Err(StoreError::NotFound { .. }) => Err("deleted while the report was read".into()),
+                Err(e) => Err(e.to_string()),
+            };
+            (key, result)
+        })
+        .buffered(CONCURRENT_READS)
+        .collect()
+        .await;
+    let mut labels: Vec<(String, LabelRecord)> = Vec::new();
+    let mut latest = std::collections::HashMap::new();
+    for (key, result) in results {
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(reason) => {
+                unreadable.push((key, reason));
+                continue;
+            }
+        };
+        let Some(task_name) = dataset::task_of_key(&key).map(str::to_owned) else {
+            unreadable.push((key, "not below dataset/task=<name>/".into()));
+            continue;
+        };
+        let task = tasks.iter().find(|t| t.name() == task_name);
+        for row in rows {
+            let Some(record) = dataset::record_of_row(row, &task_name, task) else {
+                unreadable.push((key.clone(), "a row lacks its provenance".into()));
+                continue;
+            };
+            let id = (
+                record.source.bucket.clone(),
+                record.source.key.clone(),
+                record.task.version.clone(),
+            );
+            match latest.get(&id) {
+                Some(&index) => {
+                    let (_, kept): &(String, LabelRecord) = &labels[index];
+                    if record.labelled_at > kept.labelled_at {
+                        labels[index] = (key.clone(), record);
+                    }
+                }
+                None => {
+                    latest.insert(id, labels.len());
+                    labels.push((key.clone(), record));
+                }
+            }
+        }
+    }
+    // In the images' key order, as the label objects used to be listed.
+    labels.sort_by(|(_, a), (_, b)| {
+        (&a.source.key, &a.task.version).cmp(&(&b.source.key, &b.task.version))
+    });
+    labels
 }
 
 /// Reads and parses records, in key order; what cannot be read goes to `unreadable`.

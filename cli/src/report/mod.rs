@@ -1,6 +1,7 @@
 //! `shotlabel report`: one self-contained HTML page about what a bucket holds.
 //!
-//! Reads every label (`labels/`), failed record (`failed/`) and batch state record
+//! Reads every label from the dataset's Parquet parts (`dataset/`, one GET per harvest
+//! rather than one per label), every failed record (`failed/`) and batch state record
 //! (`state/batches/`), and writes a single HTML file that references nothing outside
 //! itself: the counts, one bar chart per scalar label field (inline SVG, no JavaScript),
 //! a gallery of thumbnails (JPEG `data:` URIs) grouped by label, and the failures with
@@ -76,7 +77,8 @@ pub struct ReportSummary {
     pub placeholders: usize,
     /// Labelled images left out of the gallery by the thumbnail cap.
     pub left_out: usize,
-    /// Records under `labels/`, `failed/` or `state/batches/` that could not be read.
+    /// Parts under `dataset/`, or records under `failed/` or `state/batches/`, that could
+    /// not be read.
     pub unreadable_records: usize,
 }
 
@@ -129,7 +131,7 @@ pub async fn write_report_with<S: ObjectStore>(
     out: &Path,
     options: &ReportOptions,
 ) -> anyhow::Result<ReportSummary> {
-    let data = gather::gather(store, bucket, input_prefix).await?;
+    let data = gather::gather(store, bucket, input_prefix, &options.tasks).await?;
     let tasks = analysis::analyse_tasks(&data.labels, &options.tasks);
     let chosen = analysis::choose_thumbnails(&tasks, options.max_thumbnails);
     let thumbnails = thumbnails::fetch_thumbnails(store, &data.labels, &chosen).await;

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, TimestampMillisecondArray};
 use arrow_json::ReaderBuilder;
 use arrow_schema::{ArrowError, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -23,7 +23,7 @@ use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value};
 
-use crate::records::LabelRecord;
+use crate::records::{LabelRecord, Provenance, RecordStatus, SourceRef, TaskRef};
 use crate::task::Task;
 
 pub mod schema;
@@ -183,7 +183,7 @@ pub fn write_part(task: &Task, records: &[LabelRecord]) -> Result<Vec<u8>, Datas
 }
 
 /// The rows of one part as JSON objects, column by column as written (JSON-text columns
-/// still text; `labelled_at` as the writer's timestamp text).
+/// still text), with `labelled_at` as Unix milliseconds.
 pub fn read_part(bytes: Vec<u8>) -> Result<Vec<Map<String, Value>>, DatasetError> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))?.build()?;
     let mut rows = Vec::new();
@@ -194,7 +194,7 @@ pub fn read_part(bytes: Vec<u8>) -> Result<Vec<Map<String, Value>>, DatasetError
 }
 
 fn batch_rows(batch: &RecordBatch) -> Result<Vec<Map<String, Value>>, DatasetError> {
-    let batch = &with_offset_time_zones(batch)?;
+    let batch = &timestamps_as_millis(batch)?;
     let mut writer = arrow_json::WriterBuilder::new()
         .with_explicit_nulls(true)
         .build::<_, arrow_json::writer::JsonArray>(Vec::new());
@@ -204,26 +204,24 @@ fn batch_rows(batch: &RecordBatch) -> Result<Vec<Map<String, Value>>, DatasetErr
     Ok(rows)
 }
 
-/// The batch with its UTC timestamps spelt `+00:00`: Parquet's "adjusted to UTC" reads
-/// back as the named zone `UTC`, which Arrow formats only with chrono-tz.
-fn with_offset_time_zones(batch: &RecordBatch) -> Result<RecordBatch, DatasetError> {
+/// The batch with its millisecond timestamps as plain Unix milliseconds: exact, ordered,
+/// and no time zone to name (Parquet's "adjusted to UTC" reads back as the zone `UTC`,
+/// which Arrow formats only with chrono-tz).
+fn timestamps_as_millis(batch: &RecordBatch) -> Result<RecordBatch, DatasetError> {
     let mut fields = Vec::with_capacity(batch.num_columns());
     let mut columns = Vec::with_capacity(batch.num_columns());
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-        let utc = column
-            .as_any()
-            .downcast_ref::<TimestampMillisecondArray>()
-            .filter(|_| field.data_type() != &schema::labelled_at_type());
-        match utc {
+        match column.as_any().downcast_ref::<TimestampMillisecondArray>() {
             Some(timestamps) => {
-                let restated = timestamps.clone().with_timezone("+00:00");
+                let millis =
+                    Int64Array::new(timestamps.values().clone(), timestamps.nulls().cloned());
                 fields.push(
                     field
                         .as_ref()
                         .clone()
-                        .with_data_type(restated.data_type().clone()),
+                        .with_data_type(arrow_schema::DataType::Int64),
                 );
-                columns.push(Arc::new(restated) as ArrayRef);
+                columns.push(Arc::new(millis) as ArrayRef);
             }
             None => {
                 fields.push(field.as_ref().clone());
@@ -235,6 +233,76 @@ fn with_offset_time_zones(batch: &RecordBatch) -> Result<RecordBatch, DatasetErr
         Arc::new(arrow_schema::Schema::new(fields)),
         columns,
     )?)
+}
+
+/// The task name a part key was written under, from its `task=` segment.
+pub fn task_of_key(key: &str) -> Option<&str> {
+    key.split('/')
+        .find_map(|segment| segment.strip_prefix("task="))
+}
+
+/// A row read back as the label record it was written from, for `task_name` (the part's
+/// `task=`). With `task` of the row's version, JSON-text columns are parsed back; for
+/// another version the answer is its columns as they are. What a part does not hold is
+/// left out: the provider's request id and finish reason, the object's version id.
+pub fn record_of_row(
+    mut row: Map<String, Value>,
+    task_name: &str,
+    task: Option<&Task>,
+) -> Option<LabelRecord> {
+    let text = |row: &Map<String, Value>, name: &str| row.get(name)?.as_str().map(str::to_owned);
+    let number = |row: &Map<String, Value>, name: &str| row.get(name)?.as_u64();
+    let version = text(&row, "task_version")?;
+    let source = SourceRef {
+        bucket: text(&row, "source_bucket")?,
+        key: text(&row, "source_key")?,
+        etag: text(&row, "source_etag")?,
+        size: number(&row, "source_size")?,
+        version_id: None,
+    };
+    let usage = match (
+        number(&row, "prompt_tokens"),
+        number(&row, "completion_tokens"),
+    ) {
+        (Some(prompt_tokens), Some(completion_tokens)) => Some(crate::answer::Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }),
+        _ => None,
+    };
+    let provenance = Provenance {
+        batch_id: text(&row, "batch_id")?,
+        custom_id: text(&row, "custom_id")?,
+        request_id: None,
+        finish_reason: None,
+        usage,
+    };
+    let model = text(&row, "model")?;
+    let attempt = u32::try_from(number(&row, "attempt")?).ok()?;
+    let labelled_at = number(&row, "labelled_at")? / 1000;
+    let label = match task.filter(|t| t.version() == version && t.name() == task_name) {
+        Some(task) => answer_of(task, &row),
+        None => {
+            for name in schema::PROVENANCE_COLUMNS {
+                row.remove(name);
+            }
+            row
+        }
+    };
+    Some(LabelRecord {
+        status: RecordStatus::Labelled,
+        label: Value::Object(label),
+        source,
+        task: TaskRef {
+            name: task_name.to_owned(),
+            version,
+        },
+        model,
+        provenance,
+        attempt,
+        labelled_at,
+    })
 }
 
 /// The task's answer as it was given, from a row read back: JSON-text columns parsed.

@@ -56,8 +56,12 @@ impl MotoServer {
         for _ in 0..3 {
             let port = free_port()?;
             let endpoint = format!("http://127.0.0.1:{port}");
+            // Requests are recorded only when asked (`/moto-api/recorder/start-recording`),
+            // and then to a file of this server's own, not one in the working directory.
+            let recording = std::env::temp_dir().join(format!("shotlabel-moto-{port}.jsonl"));
             let child = moto_command(&program)
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .env("MOTO_RECORDER_FILEPATH", &recording)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -167,3 +167,153 @@ async fn default_task_parts_hold_every_label_with_its_types() -> anyhow::Result<
 async fn caption_task_parts_hold_tags_as_a_list() -> anyhow::Result<()> {
     labelled_dataset("dataset-caption", caption_task()?).await
 }
+
+/// Requests moto received while `run` ran, as (method, URL path and query).
+async fn recorded<F: std::future::Future<Output = anyhow::Result<()>>>(
+    stack: &Stack,
+    run: F,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let http = reqwest::Client::new();
+    let recorder = format!("{}/moto-api/recorder", stack.moto.endpoint());
+    for step in ["reset-recording", "start-recording"] {
+        http.post(format!("{recorder}/{step}"))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    run.await?;
+    http.post(format!("{recorder}/stop-recording"))
+        .send()
+        .await?
+        .error_for_status()?;
+    let recording = http
+        .get(format!("{recorder}/download-recording"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    recording
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line)?;
+            Ok((
+                entry["method"].as_str().unwrap_or_default().to_owned(),
+                entry["url"].as_str().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// `shotlabel export` of 10,000 labels (one harvest's part) lists the part's prefix once
+/// and reads one object: no `labels/` listing, no GET per label.
+#[tokio::test]
+async fn an_export_of_ten_thousand_labels_reads_one_part_and_lists_no_labels() -> anyhow::Result<()>
+{
+    use shotlabel_core::answer::Usage;
+    use shotlabel_core::ports::{ObjectStore, WriteCondition};
+    use shotlabel_core::records::{Provenance, RecordStatus, SourceRef};
+
+    const LABELS: u64 = 10_000;
+    let stack = stack("dataset-export-calls").await?;
+    let task = Task::default_task()?;
+    let bucket = stack.resources.bucket.clone();
+    let records: Vec<LabelRecord> = (0..LABELS)
+        .map(|i| LabelRecord {
+            status: RecordStatus::Labelled,
+            label: serde_json::json!({"landing_page": i % 3 == 0, "aesthetic": 1 + i % 5}),
+            source: SourceRef {
+                bucket: bucket.clone(),
+                key: format!("{INPUT}shots/{i:05}.png"),
+                etag: format!("{i:032x}"),
+                size: 50_000 + i,
+                version_id: None,
+            },
+            task: task_ref(&task),
+            model: "a-model".into(),
+            provenance: Provenance {
+                batch_id: "batch_big".into(),
+                custom_id: format!("r{i:05}"),
+                request_id: None,
+                finish_reason: None,
+                usage: Some(Usage {
+                    prompt_tokens: 731,
+                    completion_tokens: 14,
+                    total_tokens: 745,
+                }),
+            },
+            attempt: 0,
+            labelled_at: 1_767_225_600 + i,
+        })
+        .collect();
+    let part = dataset::part_key(task.name(), task.version(), "batch_big", 0);
+    stack
+        .store
+        .put(
+            &bucket,
+            &part,
+            dataset::write_part(&task, &records)?,
+            dataset::PARQUET_CONTENT_TYPE,
+            WriteCondition::Overwrite,
+        )
+        .await?;
+
+    let out = tempfile::tempdir()?;
+    let out_arg = out.path().to_str().context("a UTF-8 path")?.to_owned();
+    let requests = recorded(&stack, async {
+        let exported = crate::backfill::shotlabel(
+            &stack,
+            &["export", "--format", "jsonl", "--out", &out_arg, "--json"],
+        )?;
+        ensure!(
+            exported.status.success(),
+            "export failed: {}",
+            String::from_utf8_lossy(&exported.stderr)
+        );
+        Ok(())
+    })
+    .await?;
+
+    let lists: Vec<&(String, String)> = requests
+        .iter()
+        .filter(|(method, url)| method == "GET" && url.contains("list-type=2"))
+        .collect();
+    let gets: Vec<&(String, String)> = requests
+        .iter()
+        .filter(|(method, url)| method == "GET" && !url.contains("list-type=2"))
+        .collect();
+    ensure!(
+        lists.len() == 1
+            && lists[0]
+                .1
+                .contains("prefix=dataset%2Ftask%3Dwebsite-judgement"),
+        "one listing, of the task version's parts: {lists:?}"
+    );
+    ensure!(
+        !requests
+            .iter()
+            .any(|(_, url)| url.contains("prefix=labels")),
+        "labels/ was listed"
+    );
+    ensure!(
+        gets.len() == 1 && gets[0].1.contains("part-0.parquet"),
+        "one GET, of the part: {gets:?}"
+    );
+    let lines = std::fs::read_to_string(out.path().join("labels.jsonl"))?;
+    let rows: Vec<serde_json::Value> = lines
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(rows.len() as u64 == LABELS, "{} rows", rows.len());
+    for (row, record) in rows.iter().zip(&records) {
+        ensure!(
+            row["key"] == record.source.key.as_str()
+                && row["landing_page"] == record.label["landing_page"]
+                && row["aesthetic"] == record.label["aesthetic"],
+            "{row} for {}",
+            record.source.key
+        );
+    }
+    Ok(())
+}

@@ -135,7 +135,7 @@ fn rows_in(bytes: &[u8], key: &str) -> anyhow::Result<u64> {
     Ok(u64::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0))
 }
 
-async fn get(aws: &Aws, bucket: &str, key: &str) -> anyhow::Result<Vec<u8>> {
+pub(super) async fn get(aws: &Aws, bucket: &str, key: &str) -> anyhow::Result<Vec<u8>> {
     let object = aws
         .s3
         .get_object()
