@@ -129,7 +129,7 @@ fuzz: $(CARGO_FUZZ_STAMP)
 
 # Benchmarks (docs/benchmarks.md, docs/scale.md): a release build of the CLI and the bench
 # binary, then each figure's command. `make bench` runs them all: about half an hour on 2 cores,
-# most of it moto serving the submit-memory, harvest, e2e, scale-submit and scale-harvest runs.
+# most of it moto serving the submit-memory, harvest, e2e, scale-submit, scale-harvest and export runs.
 BENCH := $(TARGET_DIR)/release/shotlabel-bench
 .PHONY: bench bench-build
 bench-build:
@@ -147,3 +147,4 @@ bench: $(VENV_STAMP) bench-build
 	$(BENCH) scale-submit --workers 1,2 --repeats 3 --submit-every-ms 25000
 	$(BENCH) scale-harvest --store memory --latency-ms 20 --lines 10000 --rounds 2
 	$(BENCH) scale-harvest --store moto --lines 4000 --rounds 2
+	$(BENCH) export --labels 10000 --shotlabel $(TARGET_DIR)/release/shotlabel

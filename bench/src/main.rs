@@ -7,6 +7,7 @@
 
 mod common;
 mod e2e;
+mod export;
 mod harvest;
 mod prep;
 mod scale;
@@ -50,6 +51,9 @@ enum Command {
     ScaleSubmit(scale::ScaleSubmitArgs),
     /// One batch of N answers harvested whole, then by 2 and 4 shards at once (moto).
     ScaleHarvest(scale_harvest::ScaleHarvestArgs),
+    /// `shotlabel export` of N labels from the dataset parts, against a build from before
+    /// the dataset (which listed `labels/`): wall time and requests by kind.
+    Export(export::ExportArgs),
     /// The submitter run `submit-memory` measures (internal).
     #[command(hide = true)]
     SubmitChild(submit::SubmitChildArgs),
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
                         Command::E2e(args) => e2e::e2e(args).await,
                         Command::ScaleSubmit(args) => scale::scale_submit(args).await,
                         Command::ScaleHarvest(args) => scale_harvest::scale_harvest(args).await,
+                        Command::Export(args) => export::export_bench(args).await,
                         _ => Ok(()),
                     }
                 })

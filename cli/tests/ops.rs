@@ -603,17 +603,14 @@ async fn export_writes_jsonl_and_an_imagefolder_and_refuses_hostile_keys() -> an
         name: current.name.clone(),
         version: "older".into(),
     };
-    put_label(
+    let old_label = label(
         &stack,
-        &label(
-            &stack,
-            "incoming/old.png",
-            &etag,
-            old,
-            json!({"landing_page": true, "aesthetic": 4}),
-        ),
-    )
-    .await?;
+        "incoming/old.png",
+        &etag,
+        old,
+        json!({"landing_page": true, "aesthetic": 4}),
+    );
+    put_label(&stack, &old_label).await?;
     let etag = put(
         &stack,
         "incoming/changed.png",
@@ -639,7 +636,32 @@ async fn export_writes_jsonl_and_an_imagefolder_and_refuses_hostile_keys() -> an
     .await?;
     put(&stack, "labels/junk.json", b"not a label".to_vec()).await?;
 
+    // The labels' dataset parts, as for labels harvested before the harvest wrote parts:
+    // `dataset rebuild` writes the current version's; the older version's part is put as
+    // its harvest would have written it.
     let env = stack_env(&stack);
+    let rebuilt = json_of(&env, &["dataset", "rebuild", "--json"])?;
+    assert_eq!(
+        (
+            &rebuilt["labels"],
+            &rebuilt["skipped"],
+            &rebuilt["parts_written"]
+        ),
+        (&json!(5), &json!(2), &json!(1)),
+        "{rebuilt}"
+    );
+    let again = json_of(&env, &["dataset", "rebuild", "--json"])?;
+    assert_eq!(
+        again["parts_written"], 0,
+        "a batch with a part is left alone: {again}"
+    );
+    let task = Task::default_task()?;
+    put(
+        &stack,
+        &shotlabel_core::dataset::part_key(task.name(), "older", "batch_old", 0),
+        shotlabel_core::dataset::write_part(&task, &[old_label])?,
+    )
+    .await?;
     let root = tempfile::tempdir()?;
 
     // JSONL: every current label, flattened, with its provenance.
@@ -647,8 +669,11 @@ async fn export_writes_jsonl_and_an_imagefolder_and_refuses_hostile_keys() -> an
     let jsonl_dir_arg = jsonl_dir.to_string_lossy().into_owned();
     let summary = json_of(&env, &["export", "--out", &jsonl_dir_arg, "--json"])?;
     assert_eq!(summary["labels"], 5, "{summary}");
-    assert_eq!(summary["stale"], 1);
-    assert_eq!(summary["unreadable"], 1);
+    assert_eq!(
+        summary["parts"], 1,
+        "only the current version's part is read"
+    );
+    assert_eq!(summary["unreadable"], 0);
     assert_eq!(files_below(&jsonl_dir)?, ["labels.jsonl"]);
     let rows = read_jsonl(&jsonl_dir.join("labels.jsonl"))?;
     let by_key: BTreeMap<String, &Value> = rows

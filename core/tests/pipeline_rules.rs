@@ -390,6 +390,28 @@ async fn two_batches_answering_the_same_images_leave_one_label_and_count_duplica
         0,
         "no duplicate goes round again"
     );
+    // The dataset: the labelling batch's part holds the three rows; the duplicates' batch
+    // wrote none.
+    let parts = p
+        .store
+        .keys(BUCKET, shotlabel_core::dataset::DATASET_PREFIX);
+    assert_eq!(
+        parts,
+        [shotlabel_core::dataset::part_key(
+            p.task.name(),
+            p.task.version(),
+            &second,
+            0
+        )]
+    );
+    let part = p.store.object(BUCKET, &parts[0]).context("the part")?;
+    let rows = shotlabel_core::dataset::read_part(part.body)?;
+    let mut keys: Vec<&str> = rows
+        .iter()
+        .filter_map(|row| row.get("source_key")?.as_str())
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["incoming/a.png", "incoming/b.png", "incoming/c.png"]);
     Ok(())
 }
 

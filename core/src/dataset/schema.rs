@@ -193,7 +193,8 @@ mod tests {
             (
                 json!({"type": "object", "properties": {"x": {"type": "integer"},
                     "tags": {"type": "array", "items": {"type": "boolean"}}}}),
-                "struct<x:bigint,tags:array<boolean>>",
+                // Fields in name order, as the schema's properties are held.
+                "struct<tags:array<boolean>,x:bigint>",
             ),
             (
                 json!({"anyOf": [{"type": "string"}, {"type": "integer"}]}),

@@ -31,6 +31,8 @@ pub enum LocalStackError {
     Port(std::io::Error),
     #[error("creating {resource} on the local stack failed: {detail}")]
     Create { resource: String, detail: String },
+    #[error("moto's request recorder: {0}")]
+    Recorder(String),
 }
 
 /// A running moto server on 127.0.0.1 and a free port; stopped when dropped.
@@ -83,6 +85,50 @@ impl MotoServer {
     /// The base URL S3 and SQS clients should use, e.g. `http://127.0.0.1:41234`.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Starts recording every request this server receives, forgetting earlier ones
+    /// (moto's recorder): how tests and benchmarks count the calls a command makes.
+    pub async fn start_recording(&self) -> Result<(), LocalStackError> {
+        for step in ["reset-recording", "start-recording"] {
+            self.recorder(step, reqwest::Method::POST).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops recording and returns what was recorded: (method, path and query) per request.
+    pub async fn stop_recording(&self) -> Result<Vec<(String, String)>, LocalStackError> {
+        self.recorder("stop-recording", reqwest::Method::POST)
+            .await?;
+        let recording = self
+            .recorder("download-recording", reqwest::Method::GET)
+            .await?;
+        Ok(recording
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|entry| {
+                let text = |name: &str| entry[name].as_str().unwrap_or_default().to_owned();
+                (text("method"), text("url"))
+            })
+            .collect())
+    }
+
+    async fn recorder(
+        &self,
+        step: &str,
+        method: reqwest::Method,
+    ) -> Result<String, LocalStackError> {
+        let url = format!("{}/moto-api/recorder/{step}", self.endpoint);
+        let recorder_error = |e: reqwest::Error| LocalStackError::Recorder(e.to_string());
+        reqwest::Client::new()
+            .request(method, url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(recorder_error)?
+            .text()
+            .await
+            .map_err(recorder_error)
     }
 
     /// SDK configuration that points every AWS client at this server.

@@ -168,44 +168,6 @@ async fn caption_task_parts_hold_tags_as_a_list() -> anyhow::Result<()> {
     labelled_dataset("dataset-caption", caption_task()?).await
 }
 
-/// Requests moto received while `run` ran, as (method, URL path and query).
-async fn recorded<F: std::future::Future<Output = anyhow::Result<()>>>(
-    stack: &Stack,
-    run: F,
-) -> anyhow::Result<Vec<(String, String)>> {
-    let http = reqwest::Client::new();
-    let recorder = format!("{}/moto-api/recorder", stack.moto.endpoint());
-    for step in ["reset-recording", "start-recording"] {
-        http.post(format!("{recorder}/{step}"))
-            .send()
-            .await?
-            .error_for_status()?;
-    }
-    run.await?;
-    http.post(format!("{recorder}/stop-recording"))
-        .send()
-        .await?
-        .error_for_status()?;
-    let recording = http
-        .get(format!("{recorder}/download-recording"))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    recording
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            let entry: serde_json::Value = serde_json::from_str(line)?;
-            Ok((
-                entry["method"].as_str().unwrap_or_default().to_owned(),
-                entry["url"].as_str().unwrap_or_default().to_owned(),
-            ))
-        })
-        .collect()
-}
-
 /// `shotlabel export` of 10,000 labels (one harvest's part) lists the part's prefix once
 /// and reads one object: no `labels/` listing, no GET per label.
 #[tokio::test]
@@ -261,19 +223,17 @@ async fn an_export_of_ten_thousand_labels_reads_one_part_and_lists_no_labels() -
 
     let out = tempfile::tempdir()?;
     let out_arg = out.path().to_str().context("a UTF-8 path")?.to_owned();
-    let requests = recorded(&stack, async {
-        let exported = crate::backfill::shotlabel(
-            &stack,
-            &["export", "--format", "jsonl", "--out", &out_arg, "--json"],
-        )?;
-        ensure!(
-            exported.status.success(),
-            "export failed: {}",
-            String::from_utf8_lossy(&exported.stderr)
-        );
-        Ok(())
-    })
-    .await?;
+    stack.moto.start_recording().await?;
+    let exported = crate::backfill::shotlabel(
+        &stack,
+        &["export", "--format", "jsonl", "--out", &out_arg, "--json"],
+    )?;
+    let requests = stack.moto.stop_recording().await?;
+    ensure!(
+        exported.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
 
     let lists: Vec<&(String, String)> = requests
         .iter()

@@ -368,6 +368,35 @@ async fn a_large_batch_is_harvested_by_shards_with_one_label_per_request() -> an
     ensure!(list(&stack, "failed/").await?.is_empty());
     ensure!(queue_depth(&stack, &stack.resources.pending_queue_url).await? == 0);
 
+    // One dataset part per shard, every request in exactly one of them.
+    let parts = list(&stack, shotlabel_core::dataset::DATASET_PREFIX).await?;
+    ensure!(
+        parts.len() == plan.shards.len(),
+        "{} parts for {} shards",
+        parts.len(),
+        plan.shards.len()
+    );
+    let mut in_parts = HashSet::new();
+    for part in &parts {
+        let body =
+            shotlabel_core::ports::ObjectStore::get(&stack.store, &stack.resources.bucket, part)
+                .await?
+                .body;
+        for row in shotlabel_core::dataset::read_part(body)? {
+            let key = row
+                .get("source_key")
+                .and_then(|k| k.as_str())
+                .context("a source key")?
+                .to_owned();
+            ensure!(in_parts.insert(key.clone()), "{key} is in two parts");
+        }
+    }
+    ensure!(
+        in_parts.len() == requests,
+        "{} rows in the parts",
+        in_parts.len()
+    );
+
     // Marked harvested once, after every shard, with every request counted once.
     let record: BatchRecord = read_json(&stack, &state_keys::batch(&batch.id)).await?;
     ensure!(record.phase == BatchPhase::Harvested);
