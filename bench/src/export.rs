@@ -191,7 +191,7 @@ fn record(task: &Task, bucket: &str, i: usize) -> LabelRecord {
     let i = i as u64;
     LabelRecord {
         status: RecordStatus::Labelled,
-        label: serde_json::json!({"landing_page": i % 3 == 0, "aesthetic": 1 + i % 5}),
+        label: serde_json::json!({"landing_page": i.is_multiple_of(3), "aesthetic": 1 + i % 5}),
         source: SourceRef {
             bucket: bucket.to_owned(),
             key: format!("{INPUT}shots/{i:06}.png"),

@@ -70,8 +70,8 @@ fn the_default_task_round_trips_in_custom_id_order_and_to_the_same_bytes() -> an
             record(
                 &task,
                 i,
-                json!({"landing_page": i % 2 == 0, "aesthetic": 1 + i % 5}),
-                i % 7 != 0,
+                json!({"landing_page": i.is_multiple_of(2), "aesthetic": 1 + i % 5}),
+                !i.is_multiple_of(7),
             )
         })
         .collect();

@@ -184,7 +184,7 @@ async fn an_export_of_ten_thousand_labels_reads_one_part_and_lists_no_labels() -
     let records: Vec<LabelRecord> = (0..LABELS)
         .map(|i| LabelRecord {
             status: RecordStatus::Labelled,
-            label: serde_json::json!({"landing_page": i % 3 == 0, "aesthetic": 1 + i % 5}),
+            label: serde_json::json!({"landing_page": i.is_multiple_of(3), "aesthetic": 1 + i % 5}),
             source: SourceRef {
                 bucket: bucket.clone(),
                 key: format!("{INPUT}shots/{i:05}.png"),
