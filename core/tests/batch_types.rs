@@ -181,3 +181,130 @@ fn output_and_error_lines_parse() -> anyhow::Result<()> {
     assert_eq!(error.message.as_deref(), Some("Maximum retries reached"));
     Ok(())
 }
+
+/// `errors` as providers send it: OpenAI's list object with `data` null (the SDK types
+/// it `Optional[List[BatchError]]`), a bare list, absent, a lone string; codes that are
+/// numbers and lines that are strings. None of them fails the batch, and a numeric code
+/// keeps its reason.
+#[test]
+fn every_shape_of_errors_parses_and_keeps_its_reasons() -> anyhow::Result<()> {
+    let cases = [
+        (json!({"object": "list", "data": null}), None),
+        (json!({"object": "list"}), None),
+        (json!(null), None),
+        (json!([]), None),
+        (
+            json!([{"code": "invalid_json_line", "message": "Line 3 is not JSON", "line": 3}]),
+            Some("invalid_json_line: Line 3 is not JSON (line 3)"),
+        ),
+        (
+            json!({"object": "list", "data": [{"code": 400, "message": "bad model", "line": "7", "param": null}]}),
+            Some("400: bad model (line 7)"),
+        ),
+        (
+            json!({"data": [{"code": null, "message": "no code", "line": "not a number"}]}),
+            Some("error: no code"),
+        ),
+        (
+            json!("the input file was rejected"),
+            Some("error: the input file was rejected"),
+        ),
+        (
+            json!(["first", {"message": "second"}]),
+            Some("error: first\nerror: second"),
+        ),
+        (json!(42), Some("error: 42")),
+    ];
+    for (errors, summary) in cases {
+        let batch: Batch = serde_json::from_value(json!({
+            "id": "batch_1", "status": "failed", "errors": errors.clone()
+        }))?;
+        assert_eq!(batch.error_summary().as_deref(), summary, "{errors}");
+    }
+    Ok(())
+}
+
+/// No well-formed batch object with an id and a status fails to parse, whatever its other
+/// fields hold: a batch that cannot be parsed can never be harvested. Every known field
+/// gets values of every JSON type, drawn at random.
+#[test]
+fn any_batch_with_an_id_and_a_status_parses() -> anyhow::Result<()> {
+    use rand::{Rng, SeedableRng};
+    const FIELDS: [&str; 18] = [
+        "object",
+        "endpoint",
+        "input_file_id",
+        "output_file_id",
+        "error_file_id",
+        "completion_window",
+        "errors",
+        "request_counts",
+        "metadata",
+        "created_at",
+        "in_progress_at",
+        "expires_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    fn value(rng: &mut rand::rngs::StdRng, depth: u32) -> serde_json::Value {
+        match rng.random_range(0..if depth > 2 { 5 } else { 7 }) {
+            0 => json!(null),
+            1 => json!(rng.random_bool(0.5)),
+            2 => json!(rng.random_range(-5_i64..2_000_000_000_000)),
+            3 => json!(rng.random_range(-1.0e3..1.0e13)),
+            4 => json!(["", "x", "123", "file-1", "in_progress"][rng.random_range(0..5)]),
+            5 => serde_json::Value::Array(
+                (0..rng.random_range(0..3))
+                    .map(|_| value(rng, depth + 1))
+                    .collect(),
+            ),
+            _ => {
+                let keys = [
+                    "data",
+                    "code",
+                    "line",
+                    "message",
+                    "total",
+                    "completed",
+                    "failed",
+                    "k",
+                ];
+                serde_json::Value::Object(
+                    (0..rng.random_range(0..4))
+                        .map(|_| {
+                            (
+                                keys[rng.random_range(0..keys.len())].to_owned(),
+                                value(rng, depth + 1),
+                            )
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+    for round in 0..3_000 {
+        let mut object = serde_json::Map::new();
+        object.insert("id".into(), json!(format!("batch_{round}")));
+        let status = [
+            json!("completed"),
+            json!("failed"),
+            json!("weird"),
+            json!(3),
+        ];
+        object.insert("status".into(), status[round % status.len()].clone());
+        for field in FIELDS {
+            if rng.random_bool(0.7) {
+                object.insert(field.into(), value(&mut rng, 0));
+            }
+        }
+        let object = serde_json::Value::Object(object);
+        let parsed: Result<Batch, _> = serde_json::from_value(object.clone());
+        assert!(parsed.is_ok(), "{object}: {:?}", parsed.err());
+    }
+    Ok(())
+}

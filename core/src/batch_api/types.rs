@@ -207,8 +207,11 @@ impl Serialize for BatchStatus {
 
 impl<'de> Deserialize<'de> for BatchStatus {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Ok(Self::from(s.as_str()))
+        match Value::deserialize(d)? {
+            Value::Null => Err(de::Error::custom("a batch status is null")),
+            // An unknown status, of whatever type, is kept and treated as still running.
+            other => Ok(Self::from(text_of(other).as_str())),
+        }
     }
 }
 
@@ -223,23 +226,99 @@ pub struct RequestCounts {
     pub failed: u64,
 }
 
-/// One reason a provider gave for rejecting a batch's input file.
+/// One reason a provider gave for rejecting a batch's input file. Every field is read
+/// whatever its JSON type: a numeric `code` keeps its digits, a `line` given as a string
+/// its number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchError {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_text")]
     pub code: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_text")]
     pub message: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_text")]
     pub param: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_count")]
     pub line: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+impl BatchError {
+    /// An error from any JSON value: an object's fields, or a bare string as its message.
+    fn from_value(value: Value) -> Option<Self> {
+        match value {
+            Value::Object(_) => serde_json::from_value(value).ok(),
+            Value::Null => None,
+            other => Some(Self {
+                code: None,
+                message: Some(text_of(other)),
+                param: None,
+                line: None,
+            }),
+        }
+    }
+}
+
+/// A batch's `errors`. OpenAI sends `{"object": "list", "data": [...]}` with `data` that
+/// may be null (the SDK types it `Optional[List[BatchError]]`); some compatible providers
+/// send the list bare; many send nothing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BatchErrors {
-    #[serde(default)]
     pub data: Vec<BatchError>,
+}
+
+impl<'de> Deserialize<'de> for BatchErrors {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let list = match Value::deserialize(d)? {
+            Value::Array(items) => items,
+            Value::Object(mut object) => match object.remove("data") {
+                Some(Value::Array(items)) => items,
+                Some(Value::Null) | None => Vec::new(),
+                Some(one) => vec![one],
+            },
+            Value::Null => Vec::new(),
+            one => vec![one],
+        };
+        Ok(Self {
+            data: list
+                .into_iter()
+                .filter_map(BatchError::from_value)
+                .collect(),
+        })
+    }
+}
+
+/// A JSON scalar as text: strings as they are, anything else as its JSON.
+fn text_of(value: Value) -> String {
+    match value {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// An optional text field of any JSON type; null is absent.
+fn de_opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => None,
+        Some(other) => Some(text_of(other)),
+    })
+}
+
+/// An optional count: a number or a numeric string; anything else is absent.
+fn de_opt_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+/// Any value of a field whose shape a provider may get wrong: parsed when it can be,
+/// absent otherwise, never failing the batch.
+fn de_lenient<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Ok(Option::<Value>::deserialize(d)?.and_then(|value| serde_json::from_value(value).ok()))
 }
 
 /// A batch as the provider reports it.
@@ -248,7 +327,7 @@ pub struct Batch {
     #[serde(deserialize_with = "de_id")]
     pub id: String,
     pub status: BatchStatus,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_text")]
     pub endpoint: Option<String>,
     #[serde(default, deserialize_with = "de_opt_id")]
     pub input_file_id: Option<String>,
@@ -256,11 +335,11 @@ pub struct Batch {
     pub output_file_id: Option<String>,
     #[serde(default, deserialize_with = "de_opt_id")]
     pub error_file_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_text")]
     pub completion_window: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_lenient")]
     pub errors: Option<BatchErrors>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_lenient")]
     pub request_counts: Option<RequestCounts>,
     #[serde(default, deserialize_with = "de_metadata")]
     pub metadata: BTreeMap<String, String>,

@@ -36,6 +36,37 @@ impl std::str::FromStr for IdStyle {
     }
 }
 
+/// How a batch's `errors` is written, for the shapes real providers send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorsShape {
+    /// OpenAI's documented shape: `{"object": "list", "data": [...]}`, `null` when none.
+    #[default]
+    OpenAi,
+    /// `{"object": "list", "data": null}` when there are none (the `openai` SDK types
+    /// `data` as optional).
+    NullData,
+    /// The list bare, `[]` when none (some OpenAI-compatible providers).
+    Bare,
+    /// Codes as numbers (400) with the code's name in the message, lines as strings.
+    Loose,
+}
+
+impl std::str::FromStr for ErrorsShape {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "openai" => Ok(Self::OpenAi),
+            "null-data" => Ok(Self::NullData),
+            "bare" => Ok(Self::Bare),
+            "loose" => Ok(Self::Loose),
+            other => Err(Error::InvalidConfig(format!(
+                "unknown errors shape {other:?} (expected openai, null-data, bare or loose)"
+            ))),
+        }
+    }
+}
+
 /// Fault injection settings. Fractions are probabilities in `0.0..=1.0`,
 /// drawn from generators seeded by [`EmulatorConfig::seed`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -118,6 +149,8 @@ pub struct EmulatorConfig {
     pub id_style: IdStyle,
     /// Batch timestamps in milliseconds instead of seconds (Inference.net style).
     pub millis_timestamps: bool,
+    /// How batch objects write `errors`.
+    pub errors_shape: ErrorsShape,
     /// Seeds answers, output order, ids and every fault draw.
     pub seed: u64,
     /// Project-level Standard Webhooks endpoint.
@@ -179,6 +212,7 @@ impl Default for EmulatorConfig {
             finalizing: Duration::from_millis(200),
             id_style: IdStyle::OpenAi,
             millis_timestamps: false,
+            errors_shape: ErrorsShape::OpenAi,
             seed: 0,
             webhook_url: None,
             webhook_secrets: Vec::new(),

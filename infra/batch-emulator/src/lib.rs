@@ -22,7 +22,7 @@ mod state;
 mod validate;
 mod webhook;
 
-pub use config::{EMULATOR_MODEL, EmulatorConfig, FaultSettings, IdStyle};
+pub use config::{EMULATOR_MODEL, EmulatorConfig, ErrorsShape, FaultSettings, IdStyle};
 pub use error::Error;
 pub use server::{RunningEmulator, spawn};
 pub use state::{Stats, WebhookStats};

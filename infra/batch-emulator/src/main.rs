@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use batch_emulator::{EmulatorConfig, FaultSettings, IdStyle};
+use batch_emulator::{EmulatorConfig, ErrorsShape, FaultSettings, IdStyle};
 use clap::Parser;
 
 /// A local OpenAI-compatible Batch API provider. Its answers are synthetic,
@@ -41,6 +41,9 @@ struct Args {
     /// Batch and file timestamps in milliseconds (Inference.net style).
     #[arg(long)]
     millis_timestamps: bool,
+    /// How batch objects write `errors`: `openai`, `null-data`, `bare` or `loose`.
+    #[arg(long, default_value = "openai")]
+    errors_shape: ErrorsShape,
     /// Seeds answers, output order, ids and fault draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -120,6 +123,7 @@ impl Args {
             finalizing: Duration::from_millis(self.finalizing_ms),
             id_style: self.id_style,
             millis_timestamps: self.millis_timestamps,
+            errors_shape: self.errors_shape,
             seed: self.seed,
             webhook_url: self.webhook_url,
             webhook_secrets: self

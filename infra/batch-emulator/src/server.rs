@@ -549,7 +549,7 @@ async fn create_batch(State(state): State<Shared>, body: Bytes) -> ApiResult {
         progress: None,
         cancel: Arc::clone(&cancel),
     };
-    let response = record.to_json();
+    let response = record.to_json(state.cfg.errors_shape);
     lock(&state.batches).insert(id.clone(), record);
     tracing::info!(batch_id = %id, %input_file_id, "batch created");
     batch::start(&state, id, seq, input, endpoint.to_owned(), cancel);
@@ -561,7 +561,7 @@ async fn get_batch(State(state): State<Shared>, Path(id): Path<String>) -> ApiRe
     let batch = batches
         .get(&id)
         .ok_or_else(|| ApiError::not_found("Batch", &id))?;
-    json_ok(batch.to_json())
+    json_ok(batch.to_json(state.cfg.errors_shape))
 }
 
 async fn cancel_batch(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult {
@@ -587,7 +587,7 @@ async fn cancel_batch(State(state): State<Shared>, Path(id): Path<String>) -> Ap
             ));
         }
     }
-    json_ok(batch.to_json())
+    json_ok(batch.to_json(state.cfg.errors_shape))
 }
 
 #[derive(Debug, Deserialize)]
@@ -613,7 +613,7 @@ async fn list_batches(State(state): State<Shared>, Query(query): Query<ListQuery
         .iter()
         .skip(start)
         .take(limit)
-        .map(|b| b.to_json())
+        .map(|b| b.to_json(state.cfg.errors_shape))
         .collect();
     let has_more = all.len() > start + page.len();
     json_ok(json!({

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::answer::Outcome;
-use crate::config::{EmulatorConfig, FaultSettings, IdStyle};
+use crate::config::{EmulatorConfig, ErrorsShape, FaultSettings, IdStyle};
 use crate::prng::Prng;
 use crate::validate::BatchErrorEntry;
 
@@ -148,7 +148,7 @@ pub struct BatchRecord {
 }
 
 impl BatchRecord {
-    pub fn to_json(&self) -> Value {
+    pub fn to_json(&self, shape: ErrorsShape) -> Value {
         let mut counts = self.counts;
         // Show requests finishing while in progress, as providers do.
         if self.status == Status::InProgress
@@ -158,10 +158,30 @@ impl BatchRecord {
             counts.completed = done.iter().filter(|o| o.success).count();
             counts.failed = done.len() - counts.completed;
         }
-        let errors = self
-            .errors
-            .as_ref()
-            .map(|data| json!({ "object": "list", "data": data }));
+        let errors = match (shape, &self.errors) {
+            (ErrorsShape::OpenAi, None) => Value::Null,
+            (ErrorsShape::OpenAi | ErrorsShape::NullData, Some(data)) => {
+                json!({ "object": "list", "data": data })
+            }
+            (ErrorsShape::NullData | ErrorsShape::Loose, None) => {
+                json!({ "object": "list", "data": null })
+            }
+            (ErrorsShape::Bare, data) => json!(data.as_deref().unwrap_or_default()),
+            (ErrorsShape::Loose, Some(data)) => {
+                let loose: Vec<Value> = data
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "code": 400,
+                            "message": format!("{}: {}", e.code, e.message),
+                            "param": e.param,
+                            "line": e.line.map(|l| l.to_string()),
+                        })
+                    })
+                    .collect();
+                json!({ "object": "list", "data": loose })
+            }
+        };
         json!({
             "id": self.id,
             "object": "batch",

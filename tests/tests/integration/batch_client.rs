@@ -290,3 +290,42 @@ async fn cancel_keeps_the_batch_retrievable() -> anyhow::Result<()> {
     assert_eq!(batch.status, BatchStatus::Cancelled);
     Ok(())
 }
+
+/// `errors` in every shape the emulator can write (OpenAI's list, `data: null`, a bare
+/// list, numeric codes with string lines): the client parses each batch, completed or
+/// failed, and a failed batch's summary keeps the provider's reason and line.
+#[tokio::test]
+async fn batches_parse_whatever_shape_their_errors_take() -> anyhow::Result<()> {
+    use batch_emulator::ErrorsShape;
+    for shape in [
+        ErrorsShape::OpenAi,
+        ErrorsShape::NullData,
+        ErrorsShape::Bare,
+        ErrorsShape::Loose,
+    ] {
+        let emulator = emulator(EmulatorConfig {
+            errors_shape: shape,
+            ..EmulatorConfig::default()
+        })
+        .await?;
+        let client = client_for(&emulator, quick_retries(3))?;
+        let completed = run_batch(&client, &Task::default_task()?, 2).await?;
+        assert_eq!(completed.error_summary(), None, "{shape:?}");
+
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("broken.jsonl");
+        std::fs::write(&path, "this line is not JSON\n")?;
+        let file = client.upload_file(&path).await?;
+        let created = client
+            .create_batch(&CreateBatchRequest::chat_completions(&file.id))
+            .await?;
+        let failed = wait_terminal(&client, &created.id).await?;
+        assert_eq!(failed.status, BatchStatus::Failed, "{shape:?}");
+        let summary = failed.error_summary().unwrap_or_default();
+        assert!(
+            summary.contains("invalid_json_line") && summary.contains("(line 1)"),
+            "{shape:?}: {summary}"
+        );
+    }
+    Ok(())
+}
