@@ -35,7 +35,40 @@ pub struct LocalArgs<'a> {
 
 pub fn run(args: LocalArgs<'_>) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(run_local(args))
+    runtime.block_on(async {
+        // A stop signal drops the run, and with it the local stack: moto server is a child
+        // started with kill-on-drop, the emulator and functions are tasks of this runtime.
+        // Without this, SIGTERM (`kill`, systemd, a container runtime) or SIGHUP (a closed
+        // terminal) ended the process and left moto running, orphaned.
+        tokio::select! {
+            result = run_local(args) => result,
+            signal = stop_signal() => {
+                let (name, number) = signal?;
+                eprintln!("shotlabel: {name}: stopping the local stack");
+                Ok(ExitCode::from(128 + number))
+            }
+        }
+    })
+}
+
+/// The first of SIGINT, SIGTERM and SIGHUP: its name and number.
+#[cfg(unix)]
+async fn stop_signal() -> anyhow::Result<(&'static str, u8)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = interrupt.recv() => ("SIGINT", 2),
+        _ = terminate.recv() => ("SIGTERM", 15),
+        _ = hangup.recv() => ("SIGHUP", 1),
+    })
+}
+
+#[cfg(not(unix))]
+async fn stop_signal() -> anyhow::Result<(&'static str, u8)> {
+    tokio::signal::ctrl_c().await?;
+    Ok(("Ctrl-C", 2))
 }
 
 /// A real provider when both variables are set; otherwise the bundled emulator.
@@ -216,7 +249,8 @@ async fn run_local(args: LocalArgs<'_>) -> anyhow::Result<ExitCode> {
             pipeline.resources.bucket
         );
         println!("  shotlabel status");
-        tokio::signal::ctrl_c().await?;
+        // Until a stop signal ends the run (see `run`).
+        std::future::pending::<()>().await;
     }
     Ok(if summary.labelled == keys.len() {
         ExitCode::SUCCESS
