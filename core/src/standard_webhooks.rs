@@ -97,8 +97,9 @@ pub enum SecretError {
 }
 
 impl WebhookSecrets {
-    /// Parses the configured value: `whsec_<base64>` (prefix optional), several of them
-    /// separated by whitespace or commas for rotation.
+    /// Parses the configured value: `whsec_<base64>`, several of them separated by
+    /// whitespace or commas for rotation. A secret without the prefix is taken both as
+    /// base64 and as its own bytes (see below).
     pub fn parse(configured: &str) -> Result<Self, SecretError> {
         let mut keys = Vec::new();
         for (index, secret) in configured
@@ -110,7 +111,25 @@ impl WebhookSecrets {
             if position > MAX_SECRETS {
                 return Err(SecretError::TooMany);
             }
-            let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
+            let Some(encoded) = secret.strip_prefix(SECRET_PREFIX) else {
+                // Without the prefix the two official implementations disagree: the
+                // `standardwebhooks` package base64-decodes the secret anyway, the `openai`
+                // SDK (`lib/_webhooks.py`) uses its UTF-8 bytes as the key. Both keys are
+                // kept, so a signature either of them makes is accepted.
+                let raw = secret.as_bytes().to_vec();
+                let decoded = LENIENT_STANDARD
+                    .decode(secret)
+                    .ok()
+                    .filter(|key| key.len() >= MIN_KEY_LEN);
+                if raw.len() < MIN_KEY_LEN && decoded.is_none() {
+                    return Err(SecretError::TooShort { position });
+                }
+                if raw.len() >= MIN_KEY_LEN {
+                    keys.push(SecretSlice::from(raw));
+                }
+                keys.extend(decoded.map(SecretSlice::from));
+                continue;
+            };
             // The decoder's own error names the offending byte; it is dropped on purpose.
             let key = LENIENT_STANDARD
                 .decode(encoded)
@@ -127,7 +146,7 @@ impl WebhookSecrets {
         Ok(Self { keys })
     }
 
-    /// How many keys are configured.
+    /// How many keys are configured (an unprefixed secret can give two).
     pub fn len(&self) -> usize {
         self.keys.len()
     }

@@ -163,3 +163,107 @@ async fn python_standardwebhooks_signatures_are_accepted_and_bad_ones_refused() 
     );
     Ok(())
 }
+
+/// Verifies with the official `openai` SDK: exit 0 when `verify_signature` accepts.
+const VERIFY_OPENAI: &str = r#"
+import json, sys
+from openai import OpenAI
+secret, headers = sys.argv[1], json.loads(sys.argv[2])
+body = sys.stdin.read()
+OpenAI(api_key="unused", webhook_secret=secret).webhooks.verify_signature(body, headers)
+"#;
+
+/// A secret configured without `whsec_`: the `standardwebhooks` package base64-decodes it,
+/// the `openai` SDK uses its bytes. Ours accepts what the first signs, and what the second
+/// accepts, and still refuses a signature made with another key.
+#[tokio::test]
+async fn unprefixed_secrets_work_as_both_official_packages_use_them() -> anyhow::Result<()> {
+    use shotlabel_core::standard_webhooks::sign;
+    let stack = stack("webhook-interop-unprefixed").await?;
+    let secret =
+        base64::engine::general_purpose::STANDARD.encode(b"an unprefixed key of 32 bytes!!!");
+    let mut config =
+        WebhookConfig::new(&stack.resources.bucket, &stack.resources.harvest_queue_url);
+    config.standard = Some(WebhookSecrets::parse(&secret)?);
+    let body = r#"{"id":"evt_2","object":"event","created_at":1,"type":"batch.completed","data":{"id":"batch_unprefixed"}}"#;
+    let now = unix_now() as i64;
+
+    // Signed by the standardwebhooks package with the unprefixed secret.
+    let by_package = post(python_signed(&secret, "msg_package", 0, body)?, body);
+    let response = receive(&stack.store, &stack.queue, &config, &by_package, now).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+
+    // Signed with the secret's bytes, as the openai SDK verifies: the SDK accepts it, and
+    // so do we.
+    let headers = vec![
+        ("webhook-id".to_owned(), "msg_sdk".to_owned()),
+        ("webhook-timestamp".to_owned(), now.to_string()),
+        (
+            "webhook-signature".to_owned(),
+            sign(secret.as_bytes(), "msg_sdk", now, body.as_bytes()),
+        ),
+    ];
+    let header_map: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let mut sdk = Command::new(python()?)
+        .args([
+            "-c",
+            VERIFY_OPENAI,
+            &secret,
+            &serde_json::Value::Object(header_map).to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    sdk.stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?
+        .write_all(body.as_bytes())?;
+    let verified = sdk.wait_with_output()?;
+    assert!(
+        verified.status.success(),
+        "the openai SDK refused it: {}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let response = receive(
+        &stack.store,
+        &stack.queue,
+        &config,
+        &post(headers, body),
+        now,
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        queue_depth(&stack, &stack.resources.harvest_queue_url).await?,
+        2
+    );
+
+    // Another key's signature is still refused.
+    let other = post(
+        vec![
+            ("webhook-id".to_owned(), "msg_other".to_owned()),
+            ("webhook-timestamp".to_owned(), now.to_string()),
+            (
+                "webhook-signature".to_owned(),
+                sign(
+                    b"another key, not the configured",
+                    "msg_other",
+                    now,
+                    body.as_bytes(),
+                ),
+            ),
+        ],
+        body,
+    );
+    assert_eq!(
+        receive(&stack.store, &stack.queue, &config, &other, now)
+            .await
+            .status,
+        401
+    );
+    Ok(())
+}
