@@ -353,6 +353,7 @@ pub async fn harvest_child(args: &HarvestChildArgs) -> anyhow::Result<()> {
         manifest: None,
         origin: "bench".into(),
         shard: None,
+        delivery: None,
     };
     let started = Instant::now();
     let outcome = harvest(&store, &queue, &provider, &config, &request).await?;

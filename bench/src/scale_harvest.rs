@@ -197,6 +197,7 @@ async fn run_on<S: ObjectStore, Q: Queue>(
         manifest: None,
         origin: "bench".into(),
         shard: None,
+        delivery: None,
     };
     let started = Instant::now();
     let outcome = harvest(store, queue, &provider, &config, &request).await?;

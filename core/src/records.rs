@@ -270,9 +270,12 @@ pub mod state_keys {
         format!("state/manifest-batch/{name}")
     }
 
+    /// Where webhook delivery markers are.
+    pub const DELIVERIES_PREFIX: &str = "state/deliveries/";
+
     /// A webhook delivery already accepted (deduplication of at-least-once delivery).
     pub fn delivery(digest: &str) -> String {
-        format!("state/deliveries/{digest}")
+        format!("{DELIVERIES_PREFIX}{digest}")
     }
 
     /// The retries a harvest decided for a batch, written before they are sent.
@@ -459,6 +462,11 @@ pub struct HarvestRequest {
     /// One shard of a sharded harvest (`crate::harvest::shards`); `None`: the whole batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<u32>,
+    /// The webhook delivery marker this request was queued under: released when the
+    /// provider says the batch is not finished yet, so that a later delivery for it is
+    /// acted on rather than taken for a duplicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
 }
 
 /// Where a label came from.

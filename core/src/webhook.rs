@@ -7,20 +7,25 @@
 //! What it does, in order (cheapest and safest first):
 //!
 //! 1. `OPTIONS` is a provider's readiness probe (Inference.net sends one before each
-//!    delivery): 204. Any other method but `POST`: 405.
+//!    delivery): 200, the success its documentation asks of an endpoint. Any other method
+//!    but `POST`: 405.
 //! 2. A body over [`WebhookConfig::max_body_bytes`]: 413, before any hashing.
 //! 3. Authentication, over the raw body and before parsing anything: a per-batch URL
 //!    token ([`batch_token`]) when the query carries `manifest` and `token`, otherwise a
 //!    Standard Webhooks signature ([`standard_webhooks`]). Any failure is a 401 whose body
 //!    says nothing more; a warning in the log names the check that failed, never a secret,
 //!    token or signature.
-//! 4. Parsing: malformed JSON is a 400. A Standard Webhooks event names its batch in
-//!    `data.id`; event types other than the batch's terminal ones are acknowledged and
-//!    ignored. A per-batch body is undocumented, so the batch id is looked for leniently
-//!    and the manifest name from the (authenticated) URL is enough on its own.
+//! 4. Parsing: a Standard Webhooks event that is not JSON is a 400; it names its batch in
+//!    `data.id`, and event types other than the batch's terminal ones are acknowledged and
+//!    ignored. A per-batch body is undocumented: the token in the URL has authenticated the
+//!    call and the manifest name in it is enough, so a body that is empty, not JSON or of
+//!    an unknown shape is a hint like any other (a 4xx would lose the delivery: Inference.net
+//!    does not retry them), and a batch id is looked for in it leniently.
 //! 5. Deduplication: delivery is at least once, so a marker at
 //!    [`state_keys::delivery`] is claimed with a conditional write; a delivery whose marker
-//!    exists is acknowledged (200) and not queued again.
+//!    exists is acknowledged (200) and not queued again. The harvest request names the
+//!    marker, and a harvest that finds the batch not finished yet releases it: a delivery
+//!    that came early does not use up the one that follows.
 //! 6. One [`HarvestRequest`] goes to the harvest queue: 200 `{"accepted":true}`. If the queue
 //!    will not take it, the marker is released and the answer is 500 so the provider retries.
 //!
@@ -41,9 +46,10 @@ use crate::ports::{ObjectStore, OutgoingMessage, Queue, StoreError, WriteConditi
 use crate::records::{HarvestRequest, state_keys};
 use crate::standard_webhooks::{self, VerifyError, WebhookSecrets};
 
-/// Default largest accepted body: 1 MiB. Batch events are a few hundred bytes; anything
-/// near this is not a provider's callback.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Default largest accepted body: 10 MB, the most Inference.net documents for a webhook
+/// payload (typically 5-50 KB). Behind a Lambda Function URL, AWS refuses bodies over
+/// 6 MB itself before the function runs.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1000 * 1000;
 
 /// The `origin` of the harvest requests this receiver queues.
 pub const ORIGIN: &str = "webhook";
@@ -213,7 +219,7 @@ pub async fn receive<S: ObjectStore, Q: Queue>(
     now_unix: i64,
 ) -> WebhookResponse {
     match process(store, queue, config, request, now_unix).await {
-        Ok(Accepted::Probe) => WebhookResponse::empty(204),
+        Ok(Accepted::Probe) => WebhookResponse::empty(200),
         Ok(Accepted::Queued) => WebhookResponse::json(200, json!({ "accepted": true })),
         Ok(Accepted::Duplicate) => WebhookResponse::json(
             200,
@@ -362,16 +368,16 @@ async fn process<S: ObjectStore, Q: Queue>(
             }
         }
         Authenticated::PerBatch { manifest } => {
-            // The token in the URL already says which batch; an empty body is no less
-            // authentic, so it is not refused.
-            let payload: Option<Value> = if request.body.iter().all(u8::is_ascii_whitespace) {
-                None
-            } else {
-                Some(
-                    serde_json::from_slice(&request.body)
-                        .map_err(|_| Rejection::BadPayload("the body is not valid JSON"))?,
-                )
-            };
+            // The token in the URL already says which batch: a body that is empty or not
+            // JSON is no less authentic, and is taken as a hint without one.
+            let payload: Option<Value> = serde_json::from_slice(&request.body).ok();
+            if payload.is_none() && !request.body.iter().all(u8::is_ascii_whitespace) {
+                tracing::info!(
+                    manifest = %manifest,
+                    bytes = request.body.len(),
+                    "a per-batch delivery whose body is not JSON; queued on its URL alone"
+                );
+            }
             per_batch_target(manifest, payload.as_ref())
         }
     };
@@ -391,6 +397,7 @@ async fn process<S: ObjectStore, Q: Queue>(
         manifest: target.manifest.clone(),
         origin: ORIGIN.to_owned(),
         shard: None,
+        delivery: Some(marker.clone()),
     };
     if let Err(rejection) = send_harvest_request(queue, config, &request).await {
         // The marker was claimed before sending (see `claim_delivery`); release it so the

@@ -152,6 +152,7 @@ impl Pipeline {
             manifest: None,
             origin: "test".into(),
             shard: None,
+            delivery: None,
         };
         Ok(harvest(
             &self.store,
@@ -1170,6 +1171,7 @@ async fn shards_whose_messages_were_lost_are_queued_again_after_resend_after() -
         manifest: None,
         origin: "test".into(),
         shard: None,
+        delivery: None,
     };
     let sharded = |resend_after: Duration| {
         let mut config = p.harvest_config();
@@ -1221,5 +1223,89 @@ async fn shards_whose_messages_were_lost_are_queued_again_after_resend_after() -
     }
     assert_eq!(finished, 1, "one shard finishes the batch");
     assert_eq!(p.store.keys(BUCKET, "labels/").len(), 4);
+    Ok(())
+}
+
+/// A per-batch webhook that comes before the provider shows the batch finished (a body
+/// with no status, so every delivery for the batch has the same dedupe key) must not use
+/// up its delivery: the harvest that finds the batch still running releases the marker,
+/// and the provider's next delivery is queued and harvests the batch.
+#[tokio::test]
+async fn a_webhook_before_the_batch_finishes_does_not_use_up_the_next_delivery()
+-> anyhow::Result<()> {
+    use shotlabel_core::webhook::{WebhookConfig, WebhookRequest, receive};
+    const HARVEST_QUEUE: &str = "memory://queue/harvest";
+    const SECRET: &str = "a per-batch secret of some length";
+    let p = Pipeline::new()?;
+    p.enqueue(p.put_images(&["a.png", "b.png"])?).await?;
+    let batch_id = p.submit_one().await?;
+    let manifest = p
+        .provider
+        .batch(&batch_id)
+        .and_then(|b| b.metadata.get(METADATA_MANIFEST).cloned())
+        .context("the batch names its manifest")?;
+    let mut config = WebhookConfig::new(BUCKET, HARVEST_QUEUE);
+    config.per_batch_secret = Some(SECRET.to_owned().into());
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("manifest", &manifest)
+        .append_pair(
+            "token",
+            &shotlabel_core::batch_token::token(SECRET.as_bytes(), &manifest),
+        )
+        .finish();
+    let delivery = WebhookRequest {
+        method: "POST".into(),
+        headers: Vec::new(),
+        query,
+        body: Vec::new(),
+    };
+    let harvest_next = || async {
+        use shotlabel_core::ports::Queue;
+        let messages = p
+            .queue
+            .receive(HARVEST_QUEUE, 10, Duration::from_secs(60), Duration::ZERO)
+            .await?;
+        let [message] = messages.as_slice() else {
+            bail!("one harvest request expected, found {}", messages.len());
+        };
+        let request: HarvestRequest = serde_json::from_str(&message.body)?;
+        let outcome = harvest(
+            &p.store,
+            &p.queue,
+            &p.provider,
+            &p.harvest_config(),
+            &request,
+        )
+        .await?;
+        p.queue
+            .delete_batch(HARVEST_QUEUE, std::slice::from_ref(&message.receipt_handle))
+            .await?;
+        anyhow::Ok(outcome)
+    };
+
+    // Early: queued, harvested as not finished, and the marker released.
+    let response = receive(&p.store, &p.queue, &config, &delivery, 0).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(p.store.keys(BUCKET, "state/deliveries/").len(), 1);
+    let early = harvest_next().await?;
+    assert!(
+        matches!(early, HarvestOutcome::NotFinished { .. }),
+        "{early:?}"
+    );
+    assert!(p.store.keys(BUCKET, "state/deliveries/").is_empty());
+
+    // The provider's next delivery, identical: acted on, and this time it harvests.
+    p.provider.complete(&batch_id, answer_for)?;
+    let response = receive(&p.store, &p.queue, &config, &delivery, 0).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(!response.body.contains("duplicate"), "{}", response.body);
+    let later = harvest_next().await?;
+    assert!(
+        matches!(later, HarvestOutcome::Harvested { .. }),
+        "{later:?}"
+    );
+    // Its marker stays: a repeat of this delivery is a duplicate.
+    let repeat = receive(&p.store, &p.queue, &config, &delivery, 0).await;
+    assert!(repeat.body.contains("duplicate"), "{}", repeat.body);
     Ok(())
 }

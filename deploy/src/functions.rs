@@ -134,6 +134,10 @@ pub const RECEIVER: Deployment = Deployment {
     variables: ReceiverSettings::variables,
 };
 
+/// A harvest that finds a webhook's batch not finished yet releases the delivery's
+/// marker, so that the provider's next delivery is acted on.
+const RELEASE_DELIVERIES: &[Grant] = &[Grant::new(&[S3_DELETE], &[Resource::Objects(DELIVERIES)])];
+
 /// The harvest queue's event source mapping polls with the function's role and deletes
 /// what the harvest did not report as failed.
 const HARVEST_QUEUE_GRANTS: &[Grant] = &[Grant::new(
@@ -165,6 +169,7 @@ pub const HARVEST_FUNCTION: Deployment = Deployment {
         HARVEST,
         HARVEST_BY_MANIFEST,
         HARVEST_QUEUE_GRANTS,
+        RELEASE_DELIVERIES,
     ],
     variables: HarvestSettings::variables,
 };

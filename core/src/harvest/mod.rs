@@ -147,6 +147,16 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
     // Never trust a webhook's payload: the provider's word decides.
     let batch = provider.retrieve(&batch_id).await?;
     if !batch.status.is_terminal() {
+        // A webhook that came before the batch finished must not use up its delivery
+        // marker: a later delivery for the batch is then acted on, not taken for a repeat.
+        if let Some(marker) = request
+            .delivery
+            .as_ref()
+            .filter(|m| m.starts_with(state_keys::DELIVERIES_PREFIX))
+            && let Err(e) = store.delete(bucket, marker).await
+        {
+            tracing::warn!(%batch_id, error = %e, "cannot release an early delivery's marker");
+        }
         return Ok(HarvestOutcome::NotFinished {
             batch_id,
             status: batch.status.to_string(),
@@ -533,6 +543,7 @@ pub async fn reconcile<S: ObjectStore, Q: Queue, P: BatchProvider>(
             manifest: None,
             origin: "reconcile".into(),
             shard: None,
+            delivery: None,
         };
         match Box::pin(harvest(store, queue, provider, config, &request)).await {
             Ok(HarvestOutcome::NotFinished { .. }) => report.still_running += 1,

@@ -150,6 +150,7 @@ pub(super) async fn plan_and_dispatch<S: ObjectStore, Q: Queue, P: BatchProvider
                 manifest: Some(manifest.name.clone()),
                 origin: "shard".into(),
                 shard: Some(shard),
+                delivery: None,
             };
             Ok(OutgoingMessage {
                 id: format!("s{shard}"),

@@ -65,6 +65,7 @@ async fn labelled_dataset(name: &str, task: Task) -> anyhow::Result<()> {
         manifest: None,
         origin: "test".into(),
         shard: None,
+        delivery: None,
     };
 
     let crashing = CrashBeforeRecord {

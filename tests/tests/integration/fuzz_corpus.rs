@@ -226,7 +226,7 @@ fn webhook_seeds_reach_every_answer() -> anyhow::Result<()> {
             r#""accepted":true"#,
         ),
         ("per-batch-bad-token.txt", 401, "unauthorized"),
-        ("options-probe.txt", 204, ""),
+        ("options-probe.txt", 200, ""),
         ("get.txt", 405, "method not allowed"),
     ] {
         let response = fuzz_entry::webhook_request(&read("corpus", "webhook_request", name)?);

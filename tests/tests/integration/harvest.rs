@@ -24,6 +24,7 @@ fn request(batch_id: &str) -> HarvestRequest {
         manifest: None,
         origin: "test".into(),
         shard: None,
+        delivery: None,
     }
 }
 

@@ -226,6 +226,7 @@ async fn a_large_batch_is_harvested_by_shards_with_one_label_per_request() -> an
         manifest: None,
         origin: "test".into(),
         shard: None,
+        delivery: None,
     };
     let outcome = harvest(&watched, &stack.queue, &client, &config, &request).await?;
     ensure!(

@@ -513,9 +513,10 @@ async fn a_bounded_flood_of_forged_webhooks_is_refused_and_the_receiver_keeps_se
         1
     );
 
-    // The function's own limit: 6 MB (the most a Function URL delivers) is refused with a
-    // 413 by the receiver before any signature work, and nothing is queued.
-    let big = vec![b'{'; 6 * 1024 * 1024 - 1024];
+    // The receiver's own limit (10 MB, the most Inference.net documents; a Function URL
+    // refuses over 6 MB before the function runs): a body over it is refused with a 413
+    // before any signature work, and nothing is queued.
+    let big = vec![b'{'; shotlabel_core::webhook::DEFAULT_MAX_BODY_BYTES + 1];
     let status = http.post(&url).body(big).send().await?.status();
     assert_eq!(status.as_u16(), 413);
     assert_eq!(
@@ -802,6 +803,7 @@ fn request(batch_id: &str) -> HarvestRequest {
         manifest: None,
         origin: "hostile-test".into(),
         shard: None,
+        delivery: None,
     }
 }
 

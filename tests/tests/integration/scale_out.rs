@@ -100,11 +100,37 @@ async fn wait_terminal(
                 })
                 .take(5)
                 .collect();
+            // Where the missing ones got to: a manifest (and its batch), a results line.
+            let mut traces = Vec::new();
+            for key in &missing {
+                let mut seen = Vec::new();
+                for manifest_key in store.list(bucket, "state/manifests/").await? {
+                    let body = store.get(bucket, &manifest_key).await?.body;
+                    if String::from_utf8_lossy(&body).contains(key.as_str()) {
+                        seen.push(manifest_key);
+                    }
+                }
+                for results_key in store.list(bucket, "results/").await? {
+                    let body = store.get(bucket, &results_key).await?.body;
+                    for line in String::from_utf8_lossy(&body).lines() {
+                        if line.contains(key.as_str()) {
+                            seen.push(format!("{results_key}: {line}"));
+                        }
+                    }
+                }
+                traces.push(format!("{key} in {seen:?}"));
+            }
             anyhow::bail!(
                 "{done} of {} images have a terminal record after {} s; first without one: \
-                 {missing:?}; handler errors {}; queues: {}",
+                 {missing:?}; traces: {traces:?}; S3 events handled {}; open markers {}; \
+                 handler errors {}; queues: {}",
                 keys.len(),
                 timeout.as_secs(),
+                pipeline
+                    .stats
+                    .events
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                store.list(bucket, "state/open/").await?.len(),
                 pipeline
                     .stats
                     .handler_errors

@@ -194,7 +194,15 @@ async fn harvest_requests(stack: &Stack) -> anyhow::Result<Vec<HarvestRequest>> 
             return Ok(requests);
         }
         for message in messages {
-            requests.push(serde_json::from_str(&message.body)?);
+            // Each names the delivery marker it was claimed under; shown without it.
+            let mut request: HarvestRequest = serde_json::from_str(&message.body)?;
+            let marker = request.delivery.take();
+            anyhow::ensure!(
+                marker.is_some_and(|m| m.starts_with("state/deliveries/")),
+                "no delivery marker in {}",
+                message.body
+            );
+            requests.push(request);
         }
     }
 }
@@ -262,6 +270,7 @@ async fn a_duplicated_standard_webhook_queues_one_harvest_request() -> anyhow::R
             manifest: None,
             origin: "webhook".into(),
             shard: None,
+            delivery: None,
         }],
         "exactly one harvest request despite the duplicate"
     );
@@ -287,7 +296,7 @@ async fn a_per_batch_url_queues_one_harvest_request_with_its_manifest() -> anyho
     wait_for("the per-batch delivery", || !receiver.posts().is_empty()).await?;
     assert_eq!(
         receiver.answered(),
-        vec![("OPTIONS".to_owned(), 204), ("POST".to_owned(), 200)],
+        vec![("OPTIONS".to_owned(), 200), ("POST".to_owned(), 200)],
         "the readiness probe, then the delivery"
     );
     assert_eq!(
@@ -297,6 +306,7 @@ async fn a_per_batch_url_queues_one_harvest_request_with_its_manifest() -> anyho
             manifest: Some(manifest.into()),
             origin: "webhook".into(),
             shard: None,
+            delivery: None,
         }]
     );
     Ok(())
