@@ -388,7 +388,10 @@ pub fn webhook_request(data: &[u8]) -> WebhookResponse {
         Some(serde_json::from_str(&response.body).expect("the answer is JSON"))
     };
     // Only the readiness probe is answered without a body.
-    assert_eq!(request.method.eq_ignore_ascii_case("OPTIONS"), body.is_none());
+    assert_eq!(
+        request.method.eq_ignore_ascii_case("OPTIONS"),
+        body.is_none()
+    );
     let queued = response.status == 200
         && body
             .as_ref()

@@ -7,8 +7,6 @@
 //! memory (a few hundred bytes each) to keep the latest of an image relabelled in a later
 //! batch; exports of hundreds of millions of rows belong in Athena or DuckDB.
 
-use std::collections::HashMap;
-
 use anyhow::Context;
 use futures_util::{StreamExt, TryStreamExt};
 use shotlabel_core::dataset;
@@ -63,7 +61,7 @@ pub async fn read_rows(
             anyhow::Ok((key, rows))
         })
         .buffered(PARTS_IN_FLIGHT);
-    let mut latest: HashMap<(String, String, String), usize> = HashMap::new();
+    let mut latest = dataset::LatestLabels::default();
     while let Some((key, rows)) = parts.try_next().await? {
         let rows = match rows {
             Ok(rows) => rows,
@@ -75,30 +73,19 @@ pub async fn read_rows(
         result.parts += 1;
         let task_name = dataset::task_of_key(&key).unwrap_or(task.name()).to_owned();
         for row in rows {
-            let Some(record) = dataset::record_of_row(row, &task_name, Some(task)) else {
-                result
+            match dataset::record_of_row(row, &task_name, Some(task)) {
+                Some(record) => latest.add((), record),
+                None => result
                     .unreadable
-                    .push((key.clone(), "a row lacks its provenance".into()));
-                continue;
-            };
-            let id = (
-                record.source.bucket.clone(),
-                record.source.key.clone(),
-                record.task.version.clone(),
-            );
-            match latest.get(&id) {
-                Some(&index) => {
-                    result.replaced += 1;
-                    if record.labelled_at > result.rows[index].labelled_at {
-                        result.rows[index] = record;
-                    }
-                }
-                None => {
-                    latest.insert(id, result.rows.len());
-                    result.rows.push(record);
-                }
+                    .push((key.clone(), "a row lacks its provenance".into())),
             }
         }
     }
+    result.replaced = latest.replaced();
+    result.rows = latest
+        .into_rows()
+        .into_iter()
+        .map(|(_, record)| record)
+        .collect();
     Ok(result)
 }

@@ -15,7 +15,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use shotlabel_core::dataset;
 
-use crate::stack::{Aws, Lister, Subject, one_line, printable};
+use crate::stack::{Aws, Lister, printable};
 
 pub const PARQUET_FILE: &str = "labels.parquet";
 
@@ -136,28 +136,14 @@ fn rows_in(bytes: &[u8], key: &str) -> anyhow::Result<u64> {
 }
 
 pub(super) async fn get(aws: &Aws, bucket: &str, key: &str) -> anyhow::Result<Vec<u8>> {
-    let object = aws
-        .s3
-        .get_object()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-        .map_err(|e| {
-            aws.error(
-                &format!("reading s3://{bucket}/{}", printable(key)),
-                Subject::Bucket(bucket),
-                e,
+    super::get_object(aws, bucket, key, None)
+        .await?
+        .ok_or_else(|| {
+            anyhow!(
+                "s3://{bucket}/{} was deleted during the export",
+                printable(key)
             )
-        })?;
-    let bytes = object.body.collect().await.map_err(|e| {
-        anyhow!(
-            "reading s3://{bucket}/{}: {}",
-            printable(key),
-            one_line(&e.to_string())
-        )
-    })?;
-    Ok(bytes.into_bytes().to_vec())
+        })
 }
 
 /// Writes a part below `out`; its path comes from our own key layout, checked anyway.

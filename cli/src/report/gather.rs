@@ -107,8 +107,7 @@ async fn read_parts<S: ObjectStore>(
         .buffered(CONCURRENT_READS)
         .collect()
         .await;
-    let mut labels: Vec<(String, LabelRecord)> = Vec::new();
-    let mut latest = std::collections::HashMap::new();
+    let mut latest = dataset::LatestLabels::default();
     for (key, result) in results {
         let rows = match result {
             Ok(rows) => rows,
@@ -123,29 +122,13 @@ async fn read_parts<S: ObjectStore>(
         };
         let task = tasks.iter().find(|t| t.name() == task_name);
         for row in rows {
-            let Some(record) = dataset::record_of_row(row, &task_name, task) else {
-                unreadable.push((key.clone(), "a row lacks its provenance".into()));
-                continue;
-            };
-            let id = (
-                record.source.bucket.clone(),
-                record.source.key.clone(),
-                record.task.version.clone(),
-            );
-            match latest.get(&id) {
-                Some(&index) => {
-                    let (_, kept): &(String, LabelRecord) = &labels[index];
-                    if record.labelled_at > kept.labelled_at {
-                        labels[index] = (key.clone(), record);
-                    }
-                }
-                None => {
-                    latest.insert(id, labels.len());
-                    labels.push((key.clone(), record));
-                }
+            match dataset::record_of_row(row, &task_name, task) {
+                Some(record) => latest.add(key.clone(), record),
+                None => unreadable.push((key.clone(), "a row lacks its provenance".into())),
             }
         }
     }
+    let mut labels = latest.into_rows();
     // In the images' key order, as the label objects used to be listed.
     labels.sort_by(|(_, a), (_, b)| {
         (&a.source.key, &a.task.version).cmp(&(&b.source.key, &b.task.version))

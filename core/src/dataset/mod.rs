@@ -305,6 +305,59 @@ pub fn record_of_row(
     })
 }
 
+/// Rows gathered from many parts, one per image and task version: an image relabelled in
+/// a later batch (a forced relabel) has a row in each batch's part, and the latest
+/// `labelled_at` wins. `T` is whatever the reader keeps beside each record.
+#[derive(Debug)]
+pub struct LatestLabels<T> {
+    rows: Vec<(T, LabelRecord)>,
+    index: std::collections::HashMap<(String, String, String), usize>,
+    replaced: u64,
+}
+
+impl<T> Default for LatestLabels<T> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            index: std::collections::HashMap::new(),
+            replaced: 0,
+        }
+    }
+}
+
+impl<T> LatestLabels<T> {
+    /// Adds a row, keeping the later of two for the same image and task version.
+    pub fn add(&mut self, extra: T, record: LabelRecord) {
+        let id = (
+            record.source.bucket.clone(),
+            record.source.key.clone(),
+            record.task.version.clone(),
+        );
+        match self.index.get(&id) {
+            Some(&at) => {
+                self.replaced += 1;
+                if record.labelled_at > self.rows[at].1.labelled_at {
+                    self.rows[at] = (extra, record);
+                }
+            }
+            None => {
+                self.index.insert(id, self.rows.len());
+                self.rows.push((extra, record));
+            }
+        }
+    }
+
+    /// Rows left out because a later row of the same image was kept.
+    pub fn replaced(&self) -> u64 {
+        self.replaced
+    }
+
+    /// The kept rows, in the order their images were first seen.
+    pub fn into_rows(self) -> Vec<(T, LabelRecord)> {
+        self.rows
+    }
+}
+
 /// The task's answer as it was given, from a row read back: JSON-text columns parsed.
 pub fn answer_of(task: &Task, row: &Map<String, Value>) -> Map<String, Value> {
     let schema = &task.spec().response_schema.schema;
