@@ -316,6 +316,12 @@ impl BatchProvider for LocalFileProvider {
         .map_err(|e| BatchApiError::Config(e.to_string()))
     }
 
+    async fn delete_file(&self, _file_id: &str) -> Result<(), BatchApiError> {
+        Err(BatchApiError::Config(
+            "the benchmark provider deletes no files".into(),
+        ))
+    }
+
     async fn open_file(&self, file_id: &str) -> Result<LineReader, BatchApiError> {
         if file_id != OUTPUT_FILE {
             return Err(BatchApiError::Config(format!("no file {file_id}")));
@@ -347,6 +353,7 @@ pub async fn harvest_child(args: &HarvestChildArgs) -> anyhow::Result<()> {
         max_retries: 3,
         max_requeues: 10,
         shards: None,
+        delete_provider_files: false,
     };
     let request = HarvestRequest {
         batch_id: Some(BATCH_ID.to_owned()),

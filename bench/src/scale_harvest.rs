@@ -191,6 +191,7 @@ async fn run_on<S: ObjectStore, Q: Queue>(
             requests_per_shard: lines.div_ceil(shards),
             resend_after: Duration::from_secs(7_200),
         }),
+        delete_provider_files: false,
     };
     let request = HarvestRequest {
         batch_id: Some(BATCH_ID.to_owned()),

@@ -163,6 +163,7 @@ pub async fn submit_child(args: &SubmitChildArgs) -> anyhow::Result<()> {
         pending_queue_url: args.pending_queue_url.clone(),
         task: Arc::new(Task::default_task()?),
         limits: BatchLimits::default(),
+        max_request_bytes: None,
         decode_limits: DecodeLimits::default(),
         time_budget: Duration::from_secs(3600),
         visibility_timeout: Duration::from_secs(3700),

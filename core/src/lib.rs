@@ -20,6 +20,7 @@ pub mod metered;
 pub mod metrics;
 pub mod ports;
 pub mod prepare;
+pub mod provider;
 pub mod records;
 pub mod request;
 pub mod s3_key;

@@ -735,6 +735,7 @@ pub enum ProviderOp {
     Create,
     Retrieve,
     OpenFile,
+    DeleteFile,
 }
 
 impl ProviderOp {
@@ -744,6 +745,7 @@ impl ProviderOp {
             Self::Create => 1,
             Self::Retrieve => 2,
             Self::OpenFile => 3,
+            Self::DeleteFile => 4,
         }
     }
 
@@ -753,6 +755,7 @@ impl ProviderOp {
             Self::Create => "create batch",
             Self::Retrieve => "retrieve batch",
             Self::OpenFile => "open file",
+            Self::DeleteFile => "delete file",
         }
     }
 }
@@ -806,8 +809,8 @@ struct ProviderState {
     files: BTreeMap<String, StoredFile>,
     batches: BTreeMap<String, ProviderBatch>,
     created: Vec<CreateBatchRequest>,
-    calls: [u32; 4],
-    failures_left: [u32; 4],
+    calls: [u32; 5],
+    failures_left: [u32; 5],
 }
 
 impl ProviderState {
@@ -916,7 +919,7 @@ fn read_input(content: &[u8], endpoint: &str) -> Result<Vec<ProviderRequest>, Ve
         }
         if value["url"].as_str() != Some(endpoint) {
             errors.push(reject(
-                "invalid_url",
+                "url_mismatch",
                 format!("the url must be the batch's endpoint {endpoint}"),
                 line,
             ));
@@ -933,7 +936,7 @@ fn read_input(content: &[u8], endpoint: &str) -> Result<Vec<ProviderRequest>, Ve
                 line,
             )),
             (Some(this), Some(first)) if this != first => errors.push(reject(
-                "mismatched_model",
+                "model_mismatch",
                 format!("the body names model {this:?}, an earlier line {first:?}"),
                 line,
             )),
@@ -1257,6 +1260,8 @@ impl BatchProvider for MemoryProvider {
             created_at,
             filename,
             purpose: Some("batch".to_owned()),
+            status: Some("processed".to_owned()),
+            status_details: None,
         })
     }
 
@@ -1352,6 +1357,13 @@ impl BatchProvider for MemoryProvider {
             .get(file_id)
             .ok_or_else(|| not_found(ProviderOp::OpenFile.operation(), "file", file_id))?;
         Ok(Box::pin(std::io::Cursor::new(file.content.clone())))
+    }
+
+    async fn delete_file(&self, file_id: &str) -> Result<(), BatchApiError> {
+        let mut state = lock(&self.state);
+        state.admit(ProviderOp::DeleteFile)?;
+        state.files.remove(file_id);
+        Ok(())
     }
 }
 
@@ -1804,8 +1816,8 @@ mod tests {
             [
                 (Some("missing_custom_id".into()), Some(2)),
                 (Some("duplicate_custom_id".into()), Some(3)),
-                (Some("mismatched_model".into()), Some(4)),
-                (Some("invalid_url".into()), Some(5)),
+                (Some("model_mismatch".into()), Some(4)),
+                (Some("url_mismatch".into()), Some(5)),
             ]
         );
         let (_dir, empty) = batch_of(&provider, &[]).await?;

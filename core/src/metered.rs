@@ -46,9 +46,10 @@ enum Kind {
     ProviderCreate,
     ProviderRetrieve,
     ProviderOpenFile,
+    ProviderDeleteFile,
 }
 
-const KINDS: usize = 14;
+const KINDS: usize = 15;
 
 /// Counts of port calls by kind, shared by every clone (cheap: one `Arc`). Not to be
 /// confused with [`crate::batch_api::RequestCounts`], a batch's progress as the provider
@@ -86,6 +87,7 @@ impl RequestCounts {
             provider_create: self.get(Kind::ProviderCreate),
             provider_retrieve: self.get(Kind::ProviderRetrieve),
             provider_open_file: self.get(Kind::ProviderOpenFile),
+            provider_delete_file: self.get(Kind::ProviderDeleteFile),
         }
     }
 }
@@ -114,6 +116,9 @@ pub struct RequestSnapshot {
     pub provider_create: u64,
     pub provider_retrieve: u64,
     pub provider_open_file: u64,
+    /// `DELETE /files/{id}`, after a harvest.
+    #[serde(default)]
+    pub provider_delete_file: u64,
 }
 
 impl RequestSnapshot {
@@ -134,6 +139,7 @@ impl RequestSnapshot {
             ("provider create", self.provider_create),
             ("provider retrieve", self.provider_retrieve),
             ("provider file content", self.provider_open_file),
+            ("provider file delete", self.provider_delete_file),
         ]
     }
 
@@ -163,6 +169,7 @@ impl RequestSnapshot {
             provider_create: f(self.provider_create, other.provider_create),
             provider_retrieve: f(self.provider_retrieve, other.provider_retrieve),
             provider_open_file: f(self.provider_open_file, other.provider_open_file),
+            provider_delete_file: f(self.provider_delete_file, other.provider_delete_file),
         }
     }
 
@@ -187,6 +194,7 @@ impl RequestSnapshot {
             + self.provider_create
             + self.provider_retrieve
             + self.provider_open_file
+            + self.provider_delete_file
     }
 }
 
@@ -329,6 +337,11 @@ impl<T: BatchProvider> BatchProvider for Metered<T> {
     async fn open_file(&self, file_id: &str) -> Result<LineReader, BatchApiError> {
         self.counts.add(Kind::ProviderOpenFile);
         self.inner.open_file(file_id).await
+    }
+
+    async fn delete_file(&self, file_id: &str) -> Result<(), BatchApiError> {
+        self.counts.add(Kind::ProviderDeleteFile);
+        self.inner.delete_file(file_id).await
     }
 }
 

@@ -215,4 +215,7 @@ pub trait BatchProvider: Send + Sync {
         &self,
         file_id: &str,
     ) -> impl Future<Output = Result<LineReader, BatchApiError>> + Send;
+
+    /// Deletes a file; deleting one that is already gone is not an error.
+    fn delete_file(&self, file_id: &str) -> impl Future<Output = Result<(), BatchApiError>> + Send;
 }

@@ -23,11 +23,12 @@ pub struct BatchLimits {
 }
 
 impl Default for BatchLimits {
-    /// OpenAI's published limits, which Inference.net follows.
+    /// OpenAI's published limits ("200 MB" taken as 200,000,000 bytes), which the
+    /// other profiles assume too (`crate::provider`).
     fn default() -> Self {
         Self {
             max_requests: 50_000,
-            max_bytes: 200 * 1024 * 1024,
+            max_bytes: 200_000_000,
         }
     }
 }

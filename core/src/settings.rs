@@ -26,6 +26,7 @@ use crate::backpressure::ProviderLimits;
 use crate::enqueue::EnqueueConfig;
 use crate::harvest::HarvestConfig;
 use crate::prepare::DecodeLimits;
+use crate::provider::{ProviderDefaults, ProviderProfile};
 use crate::records::{Layout, TaskRef};
 use crate::request::BatchLimits;
 use crate::standard_webhooks::WebhookSecrets;
@@ -200,6 +201,14 @@ pub struct S3Settings {
 /// The provider's Batch API and its key.
 #[derive(Debug, Clone, Args)]
 pub struct ProviderSettings {
+    /// which provider: inference-net, openai or generic (its documented limits and quirks
+    /// are the defaults; docs/providers.md)
+    #[arg(long, env = "SHOTLABEL_PROVIDER", value_enum, default_value_t = ProviderProfile::Generic)]
+    pub provider: ProviderProfile,
+    /// delete a batch's files at the provider once it is harvested (true/false; default:
+    /// the provider profile's)
+    #[arg(long, env = "SHOTLABEL_DELETE_PROVIDER_FILES", value_parser = clap::builder::BoolishValueParser::new())]
+    pub delete_provider_files: Option<bool>,
     /// the provider's Batch API root, e.g. https://api.openai.com/v1
     #[arg(long, env = "SHOTLABEL_PROVIDER_URL")]
     pub provider_url: String,
@@ -209,6 +218,17 @@ pub struct ProviderSettings {
     /// the Secrets Manager secret holding the provider's API key (deployments)
     #[arg(long, env = "SHOTLABEL_API_KEY_SECRET_ARN")]
     pub api_key_secret_arn: Option<String>,
+}
+
+impl ProviderSettings {
+    /// A harvest's configuration with this provider's file clean-up.
+    pub fn harvest_config(&self, args: &HarvestArgs) -> Result<HarvestConfig, SettingsError> {
+        let mut config = args.config()?;
+        config.delete_provider_files = self
+            .delete_provider_files
+            .unwrap_or(self.provider.defaults().delete_files_after_harvest);
+        Ok(config)
+    }
 }
 
 /// How providers' completion callbacks are authenticated. One enum, one default, for the
@@ -296,6 +316,7 @@ impl HarvestArgs {
                     requests_per_shard: self.harvest_shard_requests.max(1),
                     resend_after: std::time::Duration::from_secs(self.harvest_shard_resend_seconds),
                 }),
+            delete_provider_files: false,
         })
     }
 }
@@ -346,12 +367,16 @@ pub struct SubmitSettings {
     /// the webhook's public URL, for per-batch webhook mode
     #[arg(long, env = "SHOTLABEL_WEBHOOK_URL")]
     pub webhook_url: Option<url::Url>,
-    /// most requests in one batch file
-    #[arg(long, env = "SHOTLABEL_MAX_BATCH_REQUESTS", default_value_t = BatchLimits::default().max_requests)]
-    pub max_batch_requests: usize,
-    /// most bytes in one batch file
-    #[arg(long, env = "SHOTLABEL_MAX_BATCH_BYTES", default_value_t = BatchLimits::default().max_bytes)]
-    pub max_batch_bytes: u64,
+    /// most requests in one batch file (default and most: the provider's limit)
+    #[arg(long, env = "SHOTLABEL_MAX_BATCH_REQUESTS")]
+    pub max_batch_requests: Option<usize>,
+    /// most bytes in one batch file (default and most: the provider's limit)
+    #[arg(long, env = "SHOTLABEL_MAX_BATCH_BYTES")]
+    pub max_batch_bytes: Option<u64>,
+    /// the largest request line; a larger one gets a failed record (default and most: the
+    /// provider's limit, if it documents one)
+    #[arg(long, env = "SHOTLABEL_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<u64>,
     /// the largest image read, in bytes
     #[arg(long, env = "SHOTLABEL_MAX_OBJECT_BYTES", default_value_t = DecodeLimits::default().max_bytes)]
     pub max_object_bytes: u64,
@@ -403,35 +428,65 @@ pub struct SubmitSettings {
     pub s3: S3Settings,
 }
 
-/// What the provider takes at once (0: no limit).
+/// A limit as set, or the provider's default; a set value over the provider's documented
+/// limit is refused at start-up rather than by the provider later, batch by batch.
+fn within(
+    name: &str,
+    set: Option<u64>,
+    provider_limit: Option<u64>,
+    profile: ProviderProfile,
+) -> Result<Option<u64>, SettingsError> {
+    match (set, provider_limit) {
+        (Some(value), Some(limit)) if value > limit => Err(SettingsError::Invalid {
+            name: name.into(),
+            value: value.to_string(),
+            what: format!("at most {limit}, the limit {} documents", profile.name()),
+        }),
+        (Some(0), _) => Err(SettingsError::Invalid {
+            name: name.into(),
+            value: "0".into(),
+            what: "at least 1".into(),
+        }),
+        (Some(value), _) => Ok(Some(value)),
+        (None, limit) => Ok(limit),
+    }
+}
+
+/// What the provider takes at once (0: no limit; unset: the provider profile's).
 #[derive(Debug, Clone, Default, Args)]
 pub struct ProviderLimitSettings {
     /// the most batches open at the provider at once (0: no limit)
-    #[arg(long, env = "SHOTLABEL_MAX_OPEN_BATCHES", default_value_t = 0)]
-    pub max_open_batches: u32,
+    #[arg(long, env = "SHOTLABEL_MAX_OPEN_BATCHES")]
+    pub max_open_batches: Option<u32>,
     /// the most requests in open batches at once (0: no limit)
-    #[arg(long, env = "SHOTLABEL_MAX_ENQUEUED_REQUESTS", default_value_t = 0)]
-    pub max_enqueued_requests: u64,
+    #[arg(long, env = "SHOTLABEL_MAX_ENQUEUED_REQUESTS")]
+    pub max_enqueued_requests: Option<u64>,
     /// the shortest time between two batch file uploads, in seconds (0: none)
-    #[arg(long, env = "SHOTLABEL_UPLOAD_INTERVAL_SECONDS", default_value_t = 0.0)]
-    pub upload_interval_seconds: f64,
+    #[arg(long, env = "SHOTLABEL_UPLOAD_INTERVAL_SECONDS")]
+    pub upload_interval_seconds: Option<f64>,
     /// seconds a slot claimed by a crashed worker stays held before it is taken over
     #[arg(long, env = "SHOTLABEL_SLOT_LEASE_SECONDS", default_value_t = 900)]
     pub slot_lease_seconds: u64,
 }
 
 impl ProviderLimitSettings {
-    pub fn limits(&self) -> Result<ProviderLimits, SettingsError> {
-        let interval = Duration::try_from_secs_f64(self.upload_interval_seconds).map_err(|_| {
-            SettingsError::Invalid {
-                name: "SHOTLABEL_UPLOAD_INTERVAL_SECONDS".into(),
-                value: self.upload_interval_seconds.to_string(),
-                what: "a number of seconds, 0 or more".into(),
+    /// The limits set, the provider's defaults for those that are not.
+    pub fn limits(&self, defaults: &ProviderDefaults) -> Result<ProviderLimits, SettingsError> {
+        let interval = match self.upload_interval_seconds {
+            None => defaults.upload_interval,
+            Some(seconds) => {
+                Duration::try_from_secs_f64(seconds).map_err(|_| SettingsError::Invalid {
+                    name: "SHOTLABEL_UPLOAD_INTERVAL_SECONDS".into(),
+                    value: seconds.to_string(),
+                    what: "a number of seconds, 0 or more".into(),
+                })?
             }
-        })?;
+        };
         Ok(ProviderLimits {
-            max_open_batches: self.max_open_batches,
-            max_enqueued_requests: self.max_enqueued_requests,
+            max_open_batches: self.max_open_batches.unwrap_or(defaults.max_open_batches),
+            max_enqueued_requests: self
+                .max_enqueued_requests
+                .unwrap_or(defaults.max_enqueued_requests),
             upload_interval: interval,
             // Each look at the slots is a few S3 requests per slot.
             poll_interval: Duration::from_secs(2),
@@ -446,7 +501,21 @@ impl SubmitSettings {
         &self,
         webhook_secret: Option<SecretString>,
     ) -> Result<crate::submit::SubmitConfig, SettingsError> {
+        let profile = self.provider.provider;
+        let defaults = profile.defaults();
         let per_batch_webhook = match self.webhook.webhook_mode {
+            WebhookMode::PerBatch if !defaults.accepts_webhook_url => {
+                return Err(SettingsError::Invalid {
+                    name: "SHOTLABEL_WEBHOOK_MODE".into(),
+                    value: "per-batch".into(),
+                    what: format!(
+                        "standard or none: {} takes no per-batch webhook_url (it refuses \
+                         unknown arguments with 400; its webhooks are set per project and \
+                         signed: use standard)",
+                        profile.name()
+                    ),
+                });
+            }
             WebhookMode::PerBatch => {
                 let base_url = self.webhook_url.clone().ok_or(SettingsError::Missing {
                     name: "SHOTLABEL_WEBHOOK_URL".into(),
@@ -461,15 +530,23 @@ impl SubmitSettings {
             WebhookMode::Standard | WebhookMode::None => None,
         };
         let harvest = self.harvest.config()?;
+        let task = Arc::new(
+            (*harvest.task)
+                .clone()
+                .with_provider_token_field(defaults.token_field),
+        );
         Ok(crate::submit::SubmitConfig {
             bucket: harvest.bucket,
             layout: harvest.layout,
             pending_queue_url: harvest.pending_queue_url,
-            task: harvest.task,
-            limits: BatchLimits {
-                max_requests: self.max_batch_requests,
-                max_bytes: self.max_batch_bytes,
-            },
+            task,
+            limits: self.batch_limits()?,
+            max_request_bytes: within(
+                "SHOTLABEL_MAX_REQUEST_BYTES",
+                self.max_request_bytes,
+                defaults.max_request_bytes,
+                profile,
+            )?,
             decode_limits: DecodeLimits {
                 max_bytes: self.max_object_bytes,
                 max_pixels: self.max_image_pixels,
@@ -484,22 +561,48 @@ impl SubmitSettings {
             work_dir: self.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             completion_window: self.completion_window.clone(),
             per_batch_webhook,
-            provider_limits: self.provider_limits.limits()?,
+            provider_limits: self.provider_limits.limits(&defaults)?,
             slot_lease: Duration::from_secs(self.provider_limits.slot_lease_seconds),
             max_requeues: self.harvest.max_requeues,
             pending_max_receives: self.pending_max_receives,
         })
     }
 
+    /// The request-file limits: those set, within the provider's, or the provider's.
+    pub fn batch_limits(&self) -> Result<BatchLimits, SettingsError> {
+        let profile = self.provider.provider;
+        let file = profile.defaults().file_limits;
+        let max_requests = within(
+            "SHOTLABEL_MAX_BATCH_REQUESTS",
+            self.max_batch_requests.map(|n| n as u64),
+            Some(file.max_requests as u64),
+            profile,
+        )?
+        .unwrap_or(file.max_requests as u64);
+        let max_bytes = within(
+            "SHOTLABEL_MAX_BATCH_BYTES",
+            self.max_batch_bytes,
+            Some(file.max_bytes),
+            profile,
+        )?
+        .unwrap_or(file.max_bytes);
+        Ok(BatchLimits {
+            max_requests: usize::try_from(max_requests).unwrap_or(file.max_requests),
+            max_bytes,
+        })
+    }
+
     /// The fan-out, when a work queue is set.
-    pub fn dispatch(&self) -> Option<crate::dispatch::DispatchConfig> {
-        let work_queue_url = self.submit_work_queue_url.clone()?;
-        Some(crate::dispatch::DispatchConfig {
+    pub fn dispatch(&self) -> Result<Option<crate::dispatch::DispatchConfig>, SettingsError> {
+        let Some(work_queue_url) = self.submit_work_queue_url.clone() else {
+            return Ok(None);
+        };
+        Ok(Some(crate::dispatch::DispatchConfig {
             pending_queue_url: self.harvest.pending_queue_url.clone(),
             work_queue_url,
             max_workers: self.max_submit_workers,
-            images_per_worker: self.max_batch_requests,
-        })
+            images_per_worker: self.batch_limits()?.max_requests,
+        }))
     }
 
     pub fn reconcile_min_age(&self) -> Duration {

@@ -55,6 +55,9 @@ pub struct SubmitConfig {
     pub pending_queue_url: String,
     pub task: Arc<Task>,
     pub limits: BatchLimits,
+    /// The provider's largest request line; a larger one gets a failed record before
+    /// upload (`None`: only the file limit applies).
+    pub max_request_bytes: Option<u64>,
     pub decode_limits: DecodeLimits,
     /// Stop taking new messages after this long.
     pub time_budget: Duration,
@@ -517,6 +520,19 @@ where
         prepared: Prepared,
     ) -> Result<(), SubmitError> {
         match prepared {
+            Prepared::Line(line)
+                if self
+                    .config
+                    .max_request_bytes
+                    .is_some_and(|limit| line.len() as u64 > limit) =>
+            {
+                let reason = format!(
+                    "its request line is {} bytes, over the provider's {}-byte limit for one request",
+                    line.len(),
+                    self.config.max_request_bytes.unwrap_or_default()
+                );
+                self.fail(item, reason).await;
+            }
             Prepared::Line(line) => match self.writer.push(&id, &line) {
                 Ok(_) => {
                     self.report.prepared += 1;

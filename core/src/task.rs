@@ -52,8 +52,32 @@ pub struct TaskSpec {
     pub user_text: String,
     pub temperature: f64,
     pub max_tokens: u32,
+    /// The request field `max_tokens` is sent in. Unset: the provider profile's
+    /// (OpenAI deprecates `max_tokens`, and its o-series and newer models refuse it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_field: Option<TokenLimitField>,
     pub image: ImageSettings,
     pub response_schema: ResponseSchema,
+}
+
+/// Which request field carries the completion-token limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenLimitField {
+    /// `max_tokens`: what OpenAI-compatible servers (vLLM, Inference.net) read.
+    #[default]
+    MaxTokens,
+    /// `max_completion_tokens`: OpenAI's current field.
+    MaxCompletionTokens,
+}
+
+impl TokenLimitField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxTokens => "max_tokens",
+            Self::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
 }
 
 /// Why a task could not be loaded. Each variant names the file or field at fault.
@@ -90,6 +114,8 @@ pub struct Task {
     /// The request line as text with holes, made on first use
     /// ([`crate::request::LineTemplate`]).
     line_template: OnceLock<Option<Arc<crate::request::LineTemplate>>>,
+    /// The task's `max_tokens_field`, or the provider's when the task names none.
+    token_field: TokenLimitField,
 }
 
 impl fmt::Debug for Task {
@@ -154,11 +180,27 @@ impl Task {
         let validator = compile_schema(&spec)?;
         let version = version_hash(&spec);
         Ok(Self {
+            token_field: spec.max_tokens_field.unwrap_or_default(),
             spec,
             version,
             validator: Arc::new(validator),
             line_template: OnceLock::new(),
         })
+    }
+
+    /// Sends the token limit in the provider's field, unless the task names its own. The
+    /// version does not change: the limit is the same, only its name in the request.
+    pub fn with_provider_token_field(mut self, field: TokenLimitField) -> Self {
+        if self.spec.max_tokens_field.is_none() {
+            self.token_field = field;
+            self.line_template = OnceLock::new();
+        }
+        self
+    }
+
+    /// The request field the token limit goes in.
+    pub fn token_field(&self) -> TokenLimitField {
+        self.token_field
     }
 
     pub fn spec(&self) -> &TaskSpec {
@@ -206,7 +248,7 @@ impl Task {
 
     /// The `/v1/chat/completions` request body for one image, given as a data URI.
     pub fn chat_completion_body(&self, image_data_uri: &str) -> Value {
-        json!({
+        let mut body = json!({
             "model": self.spec.model,
             "messages": [
                 {"role": "system", "content": self.spec.system_prompt},
@@ -217,8 +259,9 @@ impl Task {
             ],
             "response_format": self.response_format(),
             "temperature": self.spec.temperature,
-            "max_tokens": self.spec.max_tokens,
-        })
+        });
+        body[self.token_field.as_str()] = json!(self.spec.max_tokens);
+        body
     }
 
     /// Checks an answer against the task's schema; on failure, every violation as

@@ -99,6 +99,7 @@ impl Pipeline {
             pending_queue_url: PENDING_QUEUE.to_owned(),
             task: self.task.clone(),
             limits,
+            max_request_bytes: None,
             decode_limits: DecodeLimits::default(),
             time_budget: Duration::from_secs(60),
             visibility_timeout: VISIBILITY,
@@ -143,6 +144,7 @@ impl Pipeline {
             max_retries: MAX_RETRIES,
             max_requeues: 10,
             shards: None,
+            delete_provider_files: false,
         }
     }
 
@@ -660,7 +662,7 @@ async fn submit_splits_request_files_by_request_count_and_by_bytes() -> anyhow::
     p.enqueue(objects.clone()).await?;
     let by_count = BatchLimits {
         max_requests: 3,
-        max_bytes: 200 * 1024 * 1024,
+        max_bytes: 200_000_000,
     };
     let report = p.submit_with(by_count).await?;
     let sizes: Vec<u64> = report.batches.iter().map(|b| b.requests).collect();

@@ -84,6 +84,8 @@ pub const SUBMIT: Deployment = Deployment {
         Env::Required("SHOTLABEL_BUCKET"),
         Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
         Env::Required("SHOTLABEL_PROVIDER_URL"),
+        // Its documented limits are the defaults; must agree with the harvest's.
+        Env::Required("SHOTLABEL_PROVIDER"),
         Env::Required("SHOTLABEL_API_KEY_SECRET_ARN"),
         // Must agree with the other functions' (labels are laid out below it).
         Env::Required("SHOTLABEL_INPUT_PREFIX"),
@@ -153,6 +155,8 @@ pub const HARVEST_FUNCTION: Deployment = Deployment {
         Env::Required("SHOTLABEL_BUCKET"),
         Env::Required("SHOTLABEL_PENDING_QUEUE_URL"),
         Env::Required("SHOTLABEL_PROVIDER_URL"),
+        // Its documented limits are the defaults; must agree with the harvest's.
+        Env::Required("SHOTLABEL_PROVIDER"),
         Env::Required("SHOTLABEL_API_KEY_SECRET_ARN"),
         // Must agree with the other functions'.
         Env::Required("SHOTLABEL_INPUT_PREFIX"),

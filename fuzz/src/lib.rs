@@ -229,6 +229,7 @@ pub fn output_lines(data: &[u8]) -> OutputLinesOutcome {
         max_retries: MAX_RETRIES,
         max_requeues: 10,
         shards: None,
+        delete_provider_files: false,
     };
     let request = HarvestRequest {
         batch_id: Some(FUZZ_BATCH.to_owned()),

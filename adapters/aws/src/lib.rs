@@ -22,6 +22,7 @@ use shotlabel_core::ports::{
     ObjectInfo, ObjectStore, OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage,
     StoreError, StoredObject, WriteCondition,
 };
+use shotlabel_core::provider::ProviderProfile;
 use shotlabel_core::settings::{ProviderSettings, S3Settings, SettingsError};
 
 /// Loads the SDK configuration the standard way (environment, profile, instance role).
@@ -563,7 +564,8 @@ pub async fn batch_client(
         name: "SHOTLABEL_API_KEY",
         what: "the provider's API key",
     })?;
-    let config = shotlabel_batch_client::BatchApiConfig::new(&settings.provider_url, api_key)?;
+    let mut config = shotlabel_batch_client::BatchApiConfig::new(&settings.provider_url, api_key)?;
+    config.file_ready_timeout = settings.provider.defaults().file_ready_wait;
     Ok(shotlabel_batch_client::BatchClient::new(config)?)
 }
 
@@ -580,7 +582,21 @@ pub async fn batch_client_from_env(
             name: "SHOTLABEL_PROVIDER_URL".into(),
             what: "the provider's Batch API root, e.g. https://api.openai.com/v1".into(),
         })?;
+    let provider = match env("SHOTLABEL_PROVIDER").filter(|v| !v.trim().is_empty()) {
+        None => ProviderProfile::default(),
+        Some(name) => {
+            name.trim()
+                .parse::<ProviderProfile>()
+                .map_err(|what| SettingsError::Invalid {
+                    name: "SHOTLABEL_PROVIDER".into(),
+                    value: name.clone(),
+                    what,
+                })?
+        }
+    };
     let settings = ProviderSettings {
+        provider,
+        delete_provider_files: None,
         provider_url,
         api_key: env("SHOTLABEL_API_KEY").map(SecretString::from),
         api_key_secret_arn: env("SHOTLABEL_API_KEY_SECRET_ARN"),

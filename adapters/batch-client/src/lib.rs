@@ -13,7 +13,9 @@ use tokio::io::AsyncBufRead;
 use tokio_util::io::{ReaderStream, StreamReader};
 use url::Url;
 
-use shotlabel_core::batch_api::{Batch, BatchApiError, CreateBatchRequest, FileObject};
+use shotlabel_core::batch_api::{
+    Batch, BatchApiError, BatchPage, CreateBatchRequest, FileObject, FileReadiness,
+};
 use shotlabel_core::ports::{BatchProvider, LineReader};
 
 /// Where the provider is and how to talk to it.
@@ -29,6 +31,12 @@ pub struct BatchApiConfig {
     /// Longest silence while reading a response or sending a body; large uploads and
     /// downloads are bounded by progress, not by a total time.
     pub read_timeout: Duration,
+    /// Longest wait, after an upload, for the provider to report the file `processed`
+    /// (OpenAI has refused a batch created at once from a file it was still reading).
+    /// `None`: the file's status is not looked at (a provider that reports none).
+    pub file_ready_timeout: Option<Duration>,
+    /// How often the file's status is asked for meanwhile.
+    pub file_poll_interval: Duration,
 }
 
 impl BatchApiConfig {
@@ -53,6 +61,8 @@ impl BatchApiConfig {
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(120),
+            file_ready_timeout: Some(Duration::from_secs(60)),
+            file_poll_interval: Duration::from_secs(1),
         })
     }
 }
@@ -109,7 +119,24 @@ pub struct BatchClient {
     base_url: Url,
     api_key: SecretString,
     retry: RetryPolicy,
+    file_ready_timeout: Option<Duration>,
+    file_poll_interval: Duration,
 }
+
+/// Whether a call may simply be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Reads, uploads and cancels: a repeat does no harm (a repeated upload leaves an
+    /// unused file, not a billed batch).
+    Always,
+    /// Batch creation: only what cannot have reached the provider is sent again (429, a
+    /// connection that never opened); anything else may have created the batch.
+    IfNotReceived,
+}
+
+/// Batches looked through, newest first, for one whose creation's answer was lost.
+const LOOKUP_PAGE: usize = 100;
+const LOOKUP_PAGES: usize = 10;
 
 impl std::fmt::Debug for BatchClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,6 +161,8 @@ impl BatchClient {
             base_url: config.base_url,
             api_key: config.api_key,
             retry: config.retry,
+            file_ready_timeout: config.file_ready_timeout,
+            file_poll_interval: config.file_poll_interval,
         })
     }
 
@@ -154,7 +183,7 @@ impl BatchClient {
             detail: e.to_string(),
         };
         let response = self
-            .send(OP, || async {
+            .send(OP, Resend::Always, || async {
                 // Reopened on every attempt: a body stream cannot be replayed.
                 let file = tokio::fs::File::open(path).await.map_err(file_error)?;
                 let length = file.metadata().await.map_err(file_error)?.len();
@@ -169,25 +198,176 @@ impl BatchClient {
                 Ok(self.request(Method::POST, "files")?.multipart(form))
             })
             .await?;
-        self.json(OP, response).await
+        let file: FileObject = self.json(OP, response).await?;
+        match self.file_ready_timeout {
+            Some(timeout) => self.wait_until_processed(file, timeout).await,
+            None => Ok(file),
+        }
     }
 
-    /// Creates a batch from an uploaded input file.
-    pub async fn create_batch(&self, request: &CreateBatchRequest) -> Result<Batch, BatchApiError> {
-        const OP: &str = "create batch";
+    /// Waits, within `timeout`, until the provider has read an upload. A
+    /// provider that reports no status is taken at its word that the file is usable.
+    async fn wait_until_processed(
+        &self,
+        mut file: FileObject,
+        timeout: Duration,
+    ) -> Result<FileObject, BatchApiError> {
+        let started = std::time::Instant::now();
+        loop {
+            match file.readiness() {
+                FileReadiness::Ready => return Ok(file),
+                FileReadiness::Refused => {
+                    return Err(BatchApiError::FileRefused {
+                        detail: file
+                            .status_details
+                            .clone()
+                            .unwrap_or_else(|| "no reason given".into()),
+                        file_id: file.id,
+                    });
+                }
+                FileReadiness::Processing => {}
+            }
+            if started.elapsed() >= timeout {
+                return Err(BatchApiError::FileNotReady {
+                    status: file.status.unwrap_or_default(),
+                    waited_secs: started.elapsed().as_secs(),
+                    file_id: file.id,
+                });
+            }
+            tokio::time::sleep(self.file_poll_interval).await;
+            file = self.retrieve_file(&file.id).await?;
+        }
+    }
+
+    pub async fn retrieve_file(&self, file_id: &str) -> Result<FileObject, BatchApiError> {
+        const OP: &str = "retrieve file";
+        let path = format!("files/{}", encode_segment(file_id));
         let response = self
-            .send(OP, || async {
-                Ok(self.request(Method::POST, "batches")?.json(request))
+            .send(OP, Resend::Always, || async {
+                self.request(Method::GET, &path)
             })
             .await?;
         self.json(OP, response).await
+    }
+
+    /// Deletes a file. One already gone (404) counts as deleted.
+    pub async fn delete_file(&self, file_id: &str) -> Result<(), BatchApiError> {
+        const OP: &str = "delete file";
+        let path = format!("files/{}", encode_segment(file_id));
+        match self
+            .send(OP, Resend::Always, || async {
+                self.request(Method::DELETE, &path)
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One page of the provider's batches, newest first.
+    pub async fn list_batches(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<BatchPage, BatchApiError> {
+        const OP: &str = "list batches";
+        let mut url = self.url("batches")?;
+        url.query_pairs_mut()
+            .append_pair("limit", &limit.to_string());
+        if let Some(after) = after {
+            url.query_pairs_mut().append_pair("after", after);
+        }
+        let response = self
+            .send(OP, Resend::Always, || async {
+                Ok(self.authorised(Method::GET, url.clone()))
+            })
+            .await?;
+        self.json(OP, response).await
+    }
+
+    /// Creates a batch from an uploaded input file. A creation whose answer is lost (a
+    /// 5xx, a timeout, an unreadable body) may still have made the batch, so before it is
+    /// sent again the provider's newest batches are searched for the one made from this
+    /// input file (and, where the provider keeps metadata, this manifest): a second,
+    /// billed batch is made only if the first is not found. See ARCHITECTURE.md for the
+    /// window that remains.
+    pub async fn create_batch(&self, request: &CreateBatchRequest) -> Result<Batch, BatchApiError> {
+        const OP: &str = "create batch";
+        let mut attempt = 1;
+        loop {
+            let outcome = match self
+                .send(OP, Resend::IfNotReceived, || async {
+                    Ok(self.request(Method::POST, "batches")?.json(request))
+                })
+                .await
+            {
+                Ok(response) => self.json::<Batch>(OP, response).await,
+                Err(e) => Err(e),
+            };
+            let error = match outcome {
+                Ok(batch) => return Ok(batch),
+                Err(e) if creation_may_have_happened(&e) => e,
+                Err(e) => return Err(e),
+            };
+            match self.find_created(request).await {
+                Ok(Some(batch)) => {
+                    tracing::warn!(batch_id = %batch.id, error = %error,
+                        "batch creation answered with an error, but the batch exists; using it");
+                    return Ok(batch);
+                }
+                Ok(None) => {}
+                Err(lookup) => {
+                    // Not knowing whether it exists, a second creation could bill twice.
+                    tracing::warn!(error = %lookup, "cannot look for a batch whose creation failed");
+                    return Err(error);
+                }
+            }
+            if attempt >= self.retry.max_attempts {
+                return Err(error);
+            }
+            let wait = self.retry.backoff(attempt);
+            tracing::warn!(attempt, error = %error,
+                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                "batch creation failed and no batch was made from the file; creating it again");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// The batch made from this request's input file, among the newest
+    /// `LOOKUP_PAGES × LOOKUP_PAGE` batches. Its metadata, where the provider keeps it,
+    /// must hold the request's.
+    async fn find_created(
+        &self,
+        request: &CreateBatchRequest,
+    ) -> Result<Option<Batch>, BatchApiError> {
+        let mut after: Option<String> = None;
+        for _ in 0..LOOKUP_PAGES {
+            let page = self.list_batches(after.as_deref(), LOOKUP_PAGE).await?;
+            if let Some(batch) = page.data.iter().find(|b| made_from(b, request)) {
+                return Ok(Some(batch.clone()));
+            }
+            let next = page
+                .last_id
+                .clone()
+                .or_else(|| page.data.last().map(|b| b.id.clone()));
+            match next {
+                Some(next) if page.has_more && !page.data.is_empty() => after = Some(next),
+                _ => break,
+            }
+        }
+        Ok(None)
     }
 
     pub async fn retrieve_batch(&self, batch_id: &str) -> Result<Batch, BatchApiError> {
         const OP: &str = "retrieve batch";
         let path = format!("batches/{}", encode_segment(batch_id));
         let response = self
-            .send(OP, || async { self.request(Method::GET, &path) })
+            .send(OP, Resend::Always, || async {
+                self.request(Method::GET, &path)
+            })
             .await?;
         self.json(OP, response).await
     }
@@ -196,7 +376,9 @@ impl BatchClient {
         const OP: &str = "cancel batch";
         let path = format!("batches/{}/cancel", encode_segment(batch_id));
         let response = self
-            .send(OP, || async { self.request(Method::POST, &path) })
+            .send(OP, Resend::Always, || async {
+                self.request(Method::POST, &path)
+            })
             .await?;
         self.json(OP, response).await
     }
@@ -206,7 +388,9 @@ impl BatchClient {
         const OP: &str = "download file";
         let path = format!("files/{}/content", encode_segment(file_id));
         let response = self
-            .send(OP, || async { self.request(Method::GET, &path) })
+            .send(OP, Resend::Always, || async {
+                self.request(Method::GET, &path)
+            })
             .await?;
         let stream = response
             .bytes_stream()
@@ -222,15 +406,20 @@ impl BatchClient {
         Ok(StreamReader::new(self.file_content(file_id).await?))
     }
 
-    fn request(&self, method: Method, path: &str) -> Result<RequestBuilder, BatchApiError> {
-        let url = self
-            .base_url
+    fn url(&self, path: &str) -> Result<Url, BatchApiError> {
+        self.base_url
             .join(path)
-            .map_err(|e| BatchApiError::Config(format!("cannot build a URL for {path:?}: {e}")))?;
-        Ok(self
-            .http
+            .map_err(|e| BatchApiError::Config(format!("cannot build a URL for {path:?}: {e}")))
+    }
+
+    fn authorised(&self, method: Method, url: Url) -> RequestBuilder {
+        self.http
             .request(method, url)
-            .bearer_auth(self.api_key.expose_secret()))
+            .bearer_auth(self.api_key.expose_secret())
+    }
+
+    fn request(&self, method: Method, path: &str) -> Result<RequestBuilder, BatchApiError> {
+        Ok(self.authorised(method, self.url(path)?))
     }
 
     /// Sends a request built by `build` (called anew for each attempt), retrying 429, 5xx
@@ -238,6 +427,7 @@ impl BatchClient {
     async fn send<F, Fut>(
         &self,
         operation: &'static str,
+        resend: Resend,
         build: F,
     ) -> Result<Response, BatchApiError>
     where
@@ -260,16 +450,24 @@ impl BatchClient {
                         status: status.as_u16(),
                         message,
                     };
-                    if !is_retryable_status(status) {
+                    let resendable = match resend {
+                        Resend::Always => is_retryable_status(status),
+                        Resend::IfNotReceived => status == StatusCode::TOO_MANY_REQUESTS,
+                    };
+                    if !resendable {
                         return Err(error);
                     }
                     (error, retry_after)
                 }
                 Err(e) => {
+                    let never_sent = e.is_connect();
                     let error = BatchApiError::Transport {
                         operation,
                         detail: self.redact(&without_url(&e)),
                     };
+                    if resend == Resend::IfNotReceived && !never_sent {
+                        return Err(error);
+                    }
                     (error, None)
                 }
             };
@@ -323,6 +521,27 @@ impl BatchClient {
             text.to_owned()
         }
     }
+}
+
+/// After this, the provider may have created the batch: it answered 5xx or 408, the
+/// answer never came back whole, or it came back unreadable.
+fn creation_may_have_happened(error: &BatchApiError) -> bool {
+    match error {
+        BatchApiError::Status { status, .. } => *status >= 500 || *status == 408,
+        BatchApiError::Transport { .. } | BatchApiError::Decode { .. } => true,
+        _ => false,
+    }
+}
+
+/// Whether `batch` was made by `request`: the same input file (each upload has its own
+/// id) and, when the provider echoes metadata, the same metadata.
+fn made_from(batch: &Batch, request: &CreateBatchRequest) -> bool {
+    batch.input_file_id.as_deref() == Some(request.input_file_id.as_str())
+        && (batch.metadata.is_empty()
+            || request
+                .metadata
+                .iter()
+                .all(|(k, v)| batch.metadata.get(k) == Some(v)))
 }
 
 fn is_retryable_status(status: StatusCode) -> bool {
@@ -426,6 +645,10 @@ impl BatchProvider for BatchClient {
 
     async fn open_file(&self, file_id: &str) -> Result<LineReader, BatchApiError> {
         Ok(Box::pin(self.file_reader(file_id).await?))
+    }
+
+    async fn delete_file(&self, file_id: &str) -> Result<(), BatchApiError> {
+        BatchClient::delete_file(self, file_id).await
     }
 }
 

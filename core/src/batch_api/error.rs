@@ -25,6 +25,14 @@ pub enum BatchApiError {
         path: String,
         detail: String,
     },
+    #[error("upload file: the provider refused file {file_id}: {detail}")]
+    FileRefused { file_id: String, detail: String },
+    #[error("upload file: file {file_id} was still {status:?} after {waited_secs} s")]
+    FileNotReady {
+        file_id: String,
+        status: String,
+        waited_secs: u64,
+    },
     #[error("batch API configuration: {0}")]
     Config(String),
 }
@@ -42,7 +50,7 @@ impl BatchApiError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Status { status, .. } => *status == 429 || *status >= 500,
-            Self::Transport { .. } => true,
+            Self::Transport { .. } | Self::FileNotReady { .. } => true,
             _ => false,
         }
     }

@@ -6,6 +6,6 @@ mod types;
 
 pub use error::BatchApiError;
 pub use types::{
-    Batch, BatchError, BatchErrors, BatchStatus, CreateBatchRequest, FileObject, OutputError,
-    OutputLine, OutputResponse, RequestCounts, Timestamp,
+    Batch, BatchError, BatchErrors, BatchPage, BatchStatus, CreateBatchRequest, FileObject,
+    FileReadiness, OutputError, OutputLine, OutputResponse, RequestCounts, Timestamp,
 };

@@ -134,8 +134,63 @@ pub struct FileObject {
     pub created_at: Option<Timestamp>,
     #[serde(default)]
     pub filename: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_opt_text")]
     pub purpose: Option<String>,
+    /// OpenAI's `uploaded`, `processed` or `error` (deprecated there, still sent); absent
+    /// where a provider does not report it.
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub status: Option<String>,
+    /// Why validation failed, when `status` is `error`.
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub status_details: Option<String>,
+}
+
+/// Where an upload stands before a batch may be created from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileReadiness {
+    /// `processed`, or no status reported: a batch may be created from it.
+    Ready,
+    /// `uploaded` (or `pending`, `validating`): the provider is still reading it.
+    Processing,
+    /// `error` (or `failed`): the provider refused the file.
+    Refused,
+}
+
+impl FileObject {
+    pub fn readiness(&self) -> FileReadiness {
+        match self
+            .status
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("uploaded" | "pending" | "validating" | "processing") => FileReadiness::Processing,
+            Some("error" | "failed") => FileReadiness::Refused,
+            _ => FileReadiness::Ready,
+        }
+    }
+}
+
+/// One page of `GET /batches` (newest first at OpenAI).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BatchPage {
+    /// Entries that do not parse as batches are skipped, not fatal.
+    #[serde(default, deserialize_with = "de_batches")]
+    pub data: Vec<Batch>,
+    #[serde(default)]
+    pub has_more: bool,
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub last_id: Option<String>,
+}
+
+fn de_batches<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Batch>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|item| serde_json::from_value(item).ok())
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 /// Where a batch is in its life.

@@ -18,21 +18,27 @@ use super::lines::{MAX_LINE_BYTES, RawLine, parse_output_line, read_raw_line};
 use super::{HarvestConfig, HarvestError, task_ref};
 
 /// Codes of a batch-level failure that resubmitting the same requests cannot fix: the
-/// file itself was rejected. (`file_too_large` and `too_many_requests` are not here: the
-/// same items in smaller files can succeed, so those go round again.)
-const PERMANENT_BATCH_ERRORS: [&str; 13] = [
+/// file itself was rejected. (`file_too_large`, `too_many_tasks` and OpenAI's
+/// `token_limit_exceeded` are not here: the same items in smaller files, or later, can
+/// succeed, so those go round again.) OpenAI publishes no list of codes: these are the
+/// spellings seen from OpenAI (`invalid_json_line`) and documented for Azure OpenAI's
+/// Batch API (`url_mismatch`, `model_mismatch`, …), then the batch emulator's own codes for
+/// line faults no provider documents a code for. An unknown code is treated as passing,
+/// so it costs requeues (bounded by `max_requeues`), never a wrongly failed image.
+const PERMANENT_BATCH_ERRORS: [&str; 14] = [
     "invalid_request",
-    "invalid_file_format",
-    "empty_file",
     "invalid_json_line",
+    "empty_file",
+    "empty_batch",
     "duplicate_custom_id",
+    "url_mismatch",
+    "model_mismatch",
+    "model_not_found",
+    "invalid_file_format",
     "missing_custom_id",
     "invalid_method",
-    "invalid_url",
     "missing_body",
-    "mismatched_model",
     "missing_model",
-    "model_not_found",
     "invalid_model",
 ];
 

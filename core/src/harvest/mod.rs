@@ -51,6 +51,9 @@ pub struct HarvestConfig {
     pub max_requeues: u32,
     /// Sharded harvests of large batches; `None`: every batch is harvested in one run.
     pub shards: Option<ShardConfig>,
+    /// Delete the batch's input, output and error files at the provider once the batch
+    /// is recorded harvested, so that a long run does not fill the provider's storage.
+    pub delete_provider_files: bool,
 }
 
 /// How large batches are harvested by several runs at once.
@@ -191,7 +194,7 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
 
     if let Some(shard) = request.shard {
         return Box::pin(harvest_shard(
-            store, queue, config, &batch, &manifest, shard,
+            store, queue, provider, config, &batch, &manifest, shard,
         ))
         .await;
     }
@@ -205,7 +208,7 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
         if queued == 0 {
             let plan = shards::read_plan(store, config, &batch_id).await?;
             if Box::pin(finish_shards(
-                store, queue, config, &batch, &manifest, &plan,
+                store, queue, provider, config, &batch, &manifest, &plan,
             ))
             .await?
             {
@@ -276,6 +279,7 @@ pub async fn harvest<S: ObjectStore, Q: Queue, P: BatchProvider>(
         .await?;
     finish_record(store, config, &batch, &manifest, record, counts).await?;
     closed(store, bucket, &batch_id, &manifest).await;
+    delete_provider_files(provider, config, &batch).await;
     tracing::info!(%batch_id, status = %batch.status, labelled = counts.labelled,
         retried = counts.retried, failed = counts.failed, duplicates = counts.duplicates,
         "batch harvested");
@@ -321,10 +325,37 @@ async fn closed<S: ObjectStore>(store: &S, bucket: &str, batch_id: &str, manifes
     }
 }
 
+/// Once the batch is recorded harvested, its files at the provider go (when configured):
+/// every answer is in the bucket by then, and a repeated harvest stops at the record. Best
+/// effort: a file left behind expires by the provider's own rule (OpenAI: 30 days).
+async fn delete_provider_files<P: BatchProvider>(
+    provider: &P,
+    config: &HarvestConfig,
+    batch: &Batch,
+) {
+    if !config.delete_provider_files {
+        return;
+    }
+    for file_id in [
+        &batch.input_file_id,
+        &batch.output_file_id,
+        &batch.error_file_id,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Err(e) = provider.delete_file(file_id).await {
+            tracing::warn!(batch_id = %batch.id, %file_id, error = %e,
+                "cannot delete a harvested batch's file at the provider");
+        }
+    }
+}
+
 /// One shard of a sharded harvest, then the batch's finish if it was the last.
-async fn harvest_shard<S: ObjectStore, Q: Queue>(
+async fn harvest_shard<S: ObjectStore, Q: Queue, P: BatchProvider>(
     store: &S,
     queue: &Q,
+    provider: &P,
     config: &HarvestConfig,
     batch: &Batch,
     manifest: &Manifest,
@@ -412,7 +443,10 @@ async fn harvest_shard<S: ObjectStore, Q: Queue>(
             counts
         }
     };
-    let finished = Box::pin(finish_shards(store, queue, config, batch, manifest, &plan)).await?;
+    let finished = Box::pin(finish_shards(
+        store, queue, provider, config, batch, manifest, &plan,
+    ))
+    .await?;
     Ok(HarvestOutcome::ShardHarvested {
         batch_id: batch.id.clone(),
         shard,
@@ -424,9 +458,10 @@ async fn harvest_shard<S: ObjectStore, Q: Queue>(
 /// When every shard is done: settles the items no shard saw, and marks the batch
 /// harvested (once: the state record moves with `If-Match`). `true` only for the call
 /// that moved it; `false` while shards remain, or when another finished it.
-async fn finish_shards<S: ObjectStore, Q: Queue>(
+async fn finish_shards<S: ObjectStore, Q: Queue, P: BatchProvider>(
     store: &S,
     queue: &Q,
+    provider: &P,
     config: &HarvestConfig,
     batch: &Batch,
     manifest: &Manifest,
@@ -490,6 +525,7 @@ async fn finish_shards<S: ObjectStore, Q: Queue>(
     let moved = finish_record(store, config, batch, manifest, record, counts).await?;
     closed(store, bucket, &batch.id, manifest).await;
     if moved {
+        delete_provider_files(provider, config, batch).await;
         tracing::info!(batch_id = %batch.id, shards = plan.shards.len(), labelled = counts.labelled,
             retried = counts.retried, failed = counts.failed, duplicates = counts.duplicates,
             "sharded batch harvested");

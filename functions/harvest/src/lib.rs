@@ -29,7 +29,7 @@ impl Handler<S3Store, SqsQueue, BatchClient> {
             queue: SqsQueue::new(sqs_client(&sdk)),
             provider: batch_client(&sdk, &settings.provider).await?,
             // The same settings as the submitter's reconciliation, so both harvest alike.
-            harvest: settings.harvest.config()?,
+            harvest: settings.provider.harvest_config(&settings.harvest)?,
         })
     }
 }

@@ -49,6 +49,7 @@ fn handler() -> anyhow::Result<MemoryHandler> {
             max_retries: 3,
             max_requeues: 10,
             shards: None,
+            delete_provider_files: false,
         },
     })
 }
@@ -137,6 +138,7 @@ async fn completed_batch(h: &MemoryHandler, names: &[&str]) -> anyhow::Result<St
         pending_queue_url: PENDING_QUEUE.into(),
         task: task.clone(),
         limits: BatchLimits::default(),
+        max_request_bytes: None,
         decode_limits: DecodeLimits::default(),
         time_budget: Duration::from_secs(60),
         visibility_timeout: Duration::from_secs(300),

@@ -51,9 +51,9 @@ impl Handler<S3Store, SqsQueue, BatchClient> {
             queue: SqsQueue::new(sqs_client(&sdk)),
             provider: batch_client(&sdk, &settings.provider).await?,
             config: settings.config(webhook_secret)?,
-            harvest: settings.harvest.config()?,
+            harvest: settings.provider.harvest_config(&settings.harvest)?,
             reconcile_min_age: settings.reconcile_min_age(),
-            dispatch: settings.dispatch(),
+            dispatch: settings.dispatch()?,
         })
     }
 }

@@ -92,6 +92,13 @@ pub struct FaultSettings {
     /// The shortest time between two file uploads; a sooner upload is answered 429 with
     /// `Retry-After` (Inference.net allows one batch-file upload a minute). 0: no limit.
     pub upload_interval_ms: u64,
+    /// How long an uploaded file stays `uploaded` before it is `processed`; a batch
+    /// created from it sooner is refused with 400, as OpenAI refused an immediate create
+    /// ("Cannot find file"). 0: processed at once.
+    pub file_processing_ms: u64,
+    /// Batch creations that create the batch and then answer 500, as when the answer is
+    /// lost on its way back (a gateway timeout, a dropped connection).
+    pub create_lost_answer: f64,
     /// Webhook deliveries silently dropped.
     pub webhook_drop: f64,
     /// Webhook deliveries sent twice with the same delivery id.
@@ -114,6 +121,7 @@ impl FaultSettings {
             ("http_500", self.http_500),
             ("expire", self.expire),
             ("enqueued_limit", self.enqueued_limit),
+            ("create_lost_answer", self.create_lost_answer),
             ("webhook_drop", self.webhook_drop),
             ("webhook_duplicate", self.webhook_duplicate),
         ];
@@ -151,6 +159,9 @@ pub struct EmulatorConfig {
     pub millis_timestamps: bool,
     /// How batch objects write `errors`.
     pub errors_shape: ErrorsShape,
+    /// Refuse a batch creation with any argument OpenAI does not define (such as
+    /// Inference.net's `webhook_url`) with 400, as OpenAI refuses unknown arguments.
+    pub strict_arguments: bool,
     /// Seeds answers, output order, ids and every fault draw.
     pub seed: u64,
     /// Project-level Standard Webhooks endpoint.
@@ -181,6 +192,7 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("finalizing", &self.finalizing)
             .field("id_style", &self.id_style)
             .field("millis_timestamps", &self.millis_timestamps)
+            .field("strict_arguments", &self.strict_arguments)
             .field("seed", &self.seed)
             // The URL's path may carry the receiver's token.
             .field(
@@ -213,6 +225,7 @@ impl Default for EmulatorConfig {
             id_style: IdStyle::OpenAi,
             millis_timestamps: false,
             errors_shape: ErrorsShape::OpenAi,
+            strict_arguments: false,
             seed: 0,
             webhook_url: None,
             webhook_secrets: Vec::new(),

@@ -44,6 +44,9 @@ struct Args {
     /// How batch objects write `errors`: `openai`, `null-data`, `bare` or `loose`.
     #[arg(long, default_value = "openai")]
     errors_shape: ErrorsShape,
+    /// Refuse batch creations with arguments OpenAI does not define (`webhook_url`), 400.
+    #[arg(long)]
+    strict_arguments: bool,
     /// Seeds answers, output order, ids and fault draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -97,6 +100,13 @@ struct Args {
     /// Shortest time between two uploads; sooner ones get 429 with Retry-After (0: none).
     #[arg(long, default_value_t = 0)]
     fault_upload_interval_ms: u64,
+    /// How long an upload stays `uploaded` (not yet `processed`); creating a batch from it
+    /// sooner gets 400 "Cannot find file".
+    #[arg(long, default_value_t = 0)]
+    fault_file_processing_ms: u64,
+    /// Fraction of batch creations that create the batch, then answer 500.
+    #[arg(long, default_value_t = 0.0)]
+    fault_create_lost_answer: f64,
     /// Fraction of webhook deliveries silently dropped.
     #[arg(long, default_value_t = 0.0)]
     fault_webhook_drop: f64,
@@ -124,6 +134,7 @@ impl Args {
             id_style: self.id_style,
             millis_timestamps: self.millis_timestamps,
             errors_shape: self.errors_shape,
+            strict_arguments: self.strict_arguments,
             seed: self.seed,
             webhook_url: self.webhook_url,
             webhook_secrets: self
@@ -145,6 +156,8 @@ impl Args {
                 expire: self.fault_expire,
                 enqueued_limit: self.fault_enqueued_limit,
                 upload_interval_ms: self.fault_upload_interval_ms,
+                file_processing_ms: self.fault_file_processing_ms,
+                create_lost_answer: self.fault_create_lost_answer,
                 webhook_drop: self.fault_webhook_drop,
                 webhook_duplicate: self.fault_webhook_duplicate,
                 webhook_delay_ms: self.fault_webhook_delay_ms,

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch;
 use crate::config::{EmulatorConfig, FaultSettings};
 use crate::error::{ApiError, Error};
-use crate::prng::Prng;
+use crate::prng::{Prng, draw};
 use crate::state::{AppState, BatchRecord, Counters, RequestCounts, Stats, Status, lock};
 use crate::webhook;
 
@@ -461,10 +461,34 @@ fn check_metadata(metadata: Option<&Value>) -> Result<Option<Value>, ApiError> {
     }
 }
 
+/// The arguments of `POST /batches` in OpenAI's OpenAPI spec (`CreateBatchRequest`).
+const OPENAI_CREATE_ARGUMENTS: [&str; 5] = [
+    "input_file_id",
+    "endpoint",
+    "completion_window",
+    "metadata",
+    "output_expires_after",
+];
+
 async fn create_batch(State(state): State<Shared>, body: Bytes) -> ApiResult {
     let body: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid("invalid_json", format!("The body is not valid JSON: {e}"))
     })?;
+    if state.cfg.strict_arguments
+        && let Some(unknown) = body.as_object().and_then(|fields| {
+            fields
+                .keys()
+                .find(|name| !OPENAI_CREATE_ARGUMENTS.contains(&name.as_str()))
+        })
+    {
+        // OpenAI's answer to an unknown argument: 400 with no code.
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            format!("Unrecognized request argument supplied: {unknown}"),
+        ));
+    }
     let input_file_id = field_str(&body, "input_file_id")?;
     let endpoint = field_str(&body, "endpoint")?;
     let completion_window = field_str(&body, "completion_window")?;
@@ -514,6 +538,19 @@ async fn create_batch(State(state): State<Shared>, body: Bytes) -> ApiResult {
             )
             .with_param("input_file_id"));
         }
+        if !file.is_processed() {
+            state.counters.fault("file_not_processed");
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                format!(
+                    "Cannot find file {input_file_id}: it has not been processed yet \
+                     (the batch emulator's file-processing delay)."
+                ),
+            )
+            .with_param("input_file_id"));
+        }
         file.data.clone()
     };
 
@@ -553,6 +590,25 @@ async fn create_batch(State(state): State<Shared>, body: Bytes) -> ApiResult {
     lock(&state.batches).insert(id.clone(), record);
     tracing::info!(batch_id = %id, %input_file_id, "batch created");
     batch::start(&state, id, seq, input, endpoint.to_owned(), cancel);
+    let lose = state.faults().create_lost_answer;
+    // Drawn by batch number, so one seed loses the same creations on every run.
+    if lose > 0.0
+        && draw(&[
+            b"create_lost_answer",
+            &state.cfg.seed.to_le_bytes(),
+            &seq.to_le_bytes(),
+        ]) < lose
+    {
+        state.counters.fault("create_lost_answer");
+        tracing::info!("batch created; its answer is replaced by a 500");
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            None,
+            "The server had an error while processing your request (injected by the batch \
+             emulator after creating the batch).",
+        ));
+    }
     json_ok(response)
 }
 

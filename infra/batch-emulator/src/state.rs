@@ -73,10 +73,22 @@ pub struct StoredFile {
     pub purpose: String,
     pub created_at: i64,
     pub data: Bytes,
+    /// Until then the file is `uploaded`, not `processed` (the file-processing fault).
+    pub processed_at: Option<std::time::Instant>,
 }
 
 impl StoredFile {
+    pub fn is_processed(&self) -> bool {
+        self.processed_at
+            .is_none_or(|at| std::time::Instant::now() >= at)
+    }
+
     pub fn to_json(&self) -> Value {
+        let status = if self.is_processed() {
+            "processed"
+        } else {
+            "uploaded"
+        };
         json!({
             "id": self.id,
             "object": "file",
@@ -84,7 +96,7 @@ impl StoredFile {
             "created_at": self.created_at,
             "filename": self.filename,
             "purpose": self.purpose,
-            "status": "processed",
+            "status": status,
             "status_details": null,
         })
     }
@@ -225,7 +237,7 @@ pub struct Counters {
 }
 
 /// Every fault kind, so stats list zeros too.
-pub const FAULT_KINDS: [&str; 13] = [
+pub const FAULT_KINDS: [&str; 15] = [
     "error_line",
     "non_json",
     "schema_break",
@@ -235,6 +247,8 @@ pub const FAULT_KINDS: [&str; 13] = [
     "expire",
     "enqueued_limit",
     "upload_429",
+    "file_not_processed",
+    "create_lost_answer",
     "webhook_drop",
     "webhook_duplicate",
     "webhook_delay",
@@ -392,6 +406,10 @@ impl AppState {
             purpose: purpose.to_owned(),
             created_at: self.timestamp(),
             data,
+            processed_at: match self.faults().file_processing_ms {
+                0 => None,
+                ms => Some(std::time::Instant::now() + std::time::Duration::from_millis(ms)),
+            },
         };
         lock(&self.files).insert(file.id.clone(), file.clone());
         file

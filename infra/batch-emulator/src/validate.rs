@@ -159,7 +159,7 @@ pub fn validate_input(
         if url != endpoint {
             errors.push(BatchErrorEntry::at(
                 n,
-                "invalid_url",
+                "url_mismatch",
                 Some("url"),
                 format!("The url {url:?} does not match the batch endpoint {endpoint:?}."),
             ));
@@ -178,7 +178,7 @@ pub fn validate_input(
                     None => model = Some(m.to_owned()),
                     Some(first) if first != m => errors.push(BatchErrorEntry::at(
                         n,
-                        "mismatched_model",
+                        "model_mismatch",
                         Some("body.model"),
                         format!(
                             "The model {m:?} differs from the file's model {first:?}; use one model per batch."
@@ -242,7 +242,7 @@ mod tests {
             vec![
                 ("invalid_json_line", Some(2)),
                 ("duplicate_custom_id", Some(3)),
-                ("mismatched_model", Some(4))
+                ("model_mismatch", Some(4))
             ]
         );
     }

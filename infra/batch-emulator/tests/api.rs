@@ -384,14 +384,14 @@ async fn invalid_input_files_fail_the_batch_with_line_errors() -> anyhow::Result
     let mut wrong_url = lines.clone();
     wrong_url[1]["url"] = json!("/v1/embeddings");
     let errors = failed_with(&api, jsonl(&wrong_url)).await?;
-    assert_eq!(errors[0]["code"], "invalid_url");
+    assert_eq!(errors[0]["code"], "url_mismatch");
     assert_eq!(errors[0]["line"], 2);
 
     // Mixed models.
     let mut mixed = lines.clone();
     mixed[1]["body"]["model"] = json!("another/model");
     let errors = failed_with(&api, jsonl(&mixed)).await?;
-    assert_eq!(errors[0]["code"], "mismatched_model");
+    assert_eq!(errors[0]["code"], "model_mismatch");
     assert_eq!(errors[0]["line"], 2);
 
     // Too many requests for the configured limit.

@@ -595,4 +595,13 @@ impl<T: BatchProvider> BatchProvider for Chaotic<T> {
         )
         .await
     }
+
+    async fn delete_file(&self, file_id: &str) -> Result<(), BatchApiError> {
+        step(
+            "provider.delete_file",
+            self.0.delete_file(file_id),
+            provider_error("deleting a file"),
+        )
+        .await
+    }
 }

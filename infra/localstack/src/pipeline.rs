@@ -396,7 +396,10 @@ impl LocalPipeline {
             ("SHOTLABEL_HARVEST_SHARD_RESEND_SECONDS", "120"),
         ])
         .map_err(start_error)?;
-        let mut harvest = harvest_settings.harvest.config().map_err(start_error)?;
+        let mut harvest = harvest_settings
+            .provider
+            .harvest_config(&harvest_settings.harvest)
+            .map_err(start_error)?;
         harvest.task = options.task.clone();
 
         let pending_max_receives = crate::QUEUES
@@ -452,7 +455,7 @@ impl LocalPipeline {
             config: submit_config,
             harvest: harvest.clone(),
             reconcile_min_age: submit_settings.reconcile_min_age(),
-            dispatch: submit_settings.dispatch(),
+            dispatch: submit_settings.dispatch().map_err(start_error)?,
         };
 
         let receiver_settings = ReceiverSettings::from_vars([

@@ -146,6 +146,7 @@ pub fn submit_config(stack: &Stack, limits: BatchLimits) -> anyhow::Result<Submi
         pending_queue_url: stack.resources.pending_queue_url.clone(),
         task: Arc::new(Task::default_task()?),
         limits,
+        max_request_bytes: None,
         decode_limits: DecodeLimits::default(),
         time_budget: Duration::from_secs(60),
         visibility_timeout: Duration::from_secs(300),
@@ -228,6 +229,7 @@ pub fn harvest_config(stack: &Stack) -> anyhow::Result<shotlabel_core::harvest::
         max_retries: 3,
         max_requeues: 10,
         shards: None,
+        delete_provider_files: false,
     })
 }
 

@@ -329,3 +329,137 @@ async fn batches_parse_whatever_shape_their_errors_take() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_batch_is_created_only_once_its_file_is_processed() -> anyhow::Result<()> {
+    let faults = FaultSettings {
+        file_processing_ms: 400,
+        ..FaultSettings::default()
+    };
+    let emulator = emulator(EmulatorConfig::default().with_faults(faults)).await?;
+    let task = Task::default_task()?;
+    let dir = tempfile::tempdir()?;
+    let (path, _) = write_requests(dir.path(), &task, 2)?;
+
+    // Without the wait, the provider refuses the creation (OpenAI's "Cannot find file").
+    let mut impatient = BatchApiConfig::new(&emulator.base_url(), SecretString::from(KEY))?;
+    impatient.file_ready_timeout = Some(Duration::ZERO);
+    let impatient = BatchClient::new(impatient)?;
+    let err = impatient
+        .upload_file(&path)
+        .await
+        .expect_err("the file is still being processed");
+    let shotlabel_core::batch_api::BatchApiError::FileNotReady {
+        file_id, status, ..
+    } = &err
+    else {
+        anyhow::bail!("expected FileNotReady, got {err}");
+    };
+    assert_eq!(status, "uploaded");
+    let refused = impatient
+        .create_batch(&CreateBatchRequest::chat_completions(file_id))
+        .await
+        .expect_err("created from a file not yet processed");
+    assert_eq!(refused.status(), Some(400), "{refused}");
+    assert!(
+        refused.to_string().contains("Cannot find file"),
+        "{refused}"
+    );
+
+    // The client waits for `processed`, then creates.
+    let mut patient = BatchApiConfig::new(&emulator.base_url(), SecretString::from(KEY))?;
+    patient.file_poll_interval = Duration::from_millis(50);
+    let patient = BatchClient::new(patient)?;
+    let started = Instant::now();
+    let file = patient.upload_file(&path).await?;
+    assert_eq!(file.status.as_deref(), Some("processed"));
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let batch = patient
+        .create_batch(&CreateBatchRequest::chat_completions(&file.id))
+        .await?;
+    assert_eq!(
+        wait_terminal(&patient, &batch.id).await?.status,
+        BatchStatus::Completed
+    );
+    let stats = emulator.stats();
+    assert_eq!(stats.faults.get("file_not_processed").copied(), Some(1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_creation_whose_answer_is_lost_is_found_not_made_twice() -> anyhow::Result<()> {
+    let emulator = emulator(EmulatorConfig::default()).await?;
+    let client = client_for(&emulator, quick_retries(4))?;
+    let task = Task::default_task()?;
+    let dir = tempfile::tempdir()?;
+    let (path, _) = write_requests(dir.path(), &task, 2)?;
+
+    // Other batches first, so the lookup has to tell them apart.
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let file = client.upload_file(&path).await?;
+        let mut request = CreateBatchRequest::chat_completions(&file.id);
+        request.metadata.insert("manifest".into(), "other".into());
+        others.push(client.create_batch(&request).await?.id);
+    }
+    emulator.set_faults(faults_lost())?;
+    let file = client.upload_file(&path).await?;
+    let mut request = CreateBatchRequest::chat_completions(&file.id);
+    request.metadata.insert("manifest".into(), "m-1".into());
+    let batch = client.create_batch(&request).await?;
+
+    assert!(!others.contains(&batch.id));
+    assert_eq!(batch.input_file_id.as_deref(), Some(file.id.as_str()));
+    assert_eq!(
+        batch.metadata.get("manifest").map(String::as_str),
+        Some("m-1")
+    );
+    let stats = emulator.stats();
+    assert_eq!(stats.faults.get("create_lost_answer").copied(), Some(1));
+    assert_eq!(
+        stats.batches.values().sum::<u64>(),
+        4,
+        "one batch for the lost answer, none made twice: {:?}",
+        stats.batches
+    );
+    Ok(())
+}
+
+fn faults_lost() -> FaultSettings {
+    FaultSettings {
+        create_lost_answer: 1.0,
+        ..FaultSettings::default()
+    }
+}
+
+#[tokio::test]
+async fn a_provider_that_refuses_unknown_arguments_refuses_webhook_url() -> anyhow::Result<()> {
+    // OpenAI's behaviour, which is why the openai profile refuses per-batch webhooks at
+    // start-up instead of failing every batch creation.
+    let config = EmulatorConfig {
+        strict_arguments: true,
+        ..EmulatorConfig::default()
+    };
+    let emulator = emulator(config).await?;
+    let client = client_for(&emulator, quick_retries(3))?;
+    let task = Task::default_task()?;
+    let dir = tempfile::tempdir()?;
+    let (path, _) = write_requests(dir.path(), &task, 1)?;
+    let file = client.upload_file(&path).await?;
+    let mut request = CreateBatchRequest::chat_completions(&file.id);
+    request.webhook_url = Some("https://hooks.example/batch/x".into());
+    let refused = client
+        .create_batch(&request)
+        .await
+        .expect_err("webhook_url is not an OpenAI argument");
+    assert_eq!(refused.status(), Some(400));
+    assert!(
+        refused
+            .to_string()
+            .contains("Unrecognized request argument supplied: webhook_url"),
+        "{refused}"
+    );
+    request.webhook_url = None;
+    client.create_batch(&request).await?;
+    Ok(())
+}

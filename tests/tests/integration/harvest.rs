@@ -660,3 +660,81 @@ async fn a_batch_the_provider_failed_is_retried_or_failed_by_its_cause() -> anyh
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_harvested_batchs_files_are_deleted_at_the_provider_when_configured() -> anyhow::Result<()>
+{
+    let stack = stack("harvest-delete-files").await?;
+    // Some error lines, so the batch has an error file as well as an output file.
+    let emulator = emulator(FaultSettings {
+        error_line: 0.4,
+        ..FaultSettings::default()
+    })
+    .await?;
+    let client = client(&emulator, quick_retries(3))?;
+    let screenshots = files("screenshots")?;
+    let (first, second) = screenshots.split_at(screenshots.len() / 2);
+    let mut config = harvest_config(&stack)?;
+    let mut kept = None;
+    for (delete, images) in [(false, first), (true, second)] {
+        enqueue(&stack, put_files(&stack, images).await?).await?;
+        let submitted = run_submit(
+            &stack.store,
+            &stack.queue,
+            &client,
+            &submit_config(&stack, BatchLimits::default())?,
+        )
+        .await?;
+        let batch_id = submitted.batches[0].batch_id.clone();
+        let batch = wait_terminal(&client, &batch_id).await?;
+        let files: Vec<String> = [
+            batch.input_file_id.clone(),
+            batch.output_file_id.clone(),
+            batch.error_file_id.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        assert!(files.len() >= 2, "an input and an output file: {batch:?}");
+        config.delete_provider_files = delete;
+        let outcome = harvest(
+            &stack.store,
+            &stack.queue,
+            &client,
+            &config,
+            &request(&batch_id),
+        )
+        .await?;
+        assert!(
+            matches!(outcome, HarvestOutcome::Harvested { .. }),
+            "{outcome:?}"
+        );
+        for file in &files {
+            let found = client.retrieve_file(file).await;
+            if delete {
+                let err = found.expect_err("deleted after the harvest");
+                assert_eq!(err.status(), Some(404), "{err}");
+            } else {
+                found?;
+            }
+        }
+        // A repeated harvest stops at the record and does not need the files.
+        let again = harvest(
+            &stack.store,
+            &stack.queue,
+            &client,
+            &config,
+            &request(&batch_id),
+        )
+        .await?;
+        assert!(
+            matches!(again, HarvestOutcome::AlreadyHarvested { .. }),
+            "{again:?}"
+        );
+        if !delete {
+            kept = Some(files);
+        }
+    }
+    assert!(kept.is_some());
+    Ok(())
+}

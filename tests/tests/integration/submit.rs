@@ -151,7 +151,7 @@ async fn batches_split_by_request_count_and_by_bytes() -> anyhow::Result<()> {
 
     let by_count = BatchLimits {
         max_requests: 5,
-        max_bytes: 200 * 1024 * 1024,
+        max_bytes: 200_000_000,
     };
     let report = run_submit(
         &stack.store,
@@ -507,5 +507,113 @@ async fn the_scheduled_handler_reconciles_open_batches_then_submits() -> anyhow:
     assert_eq!((second.reconcile.open, second.reconcile.harvested), (1, 1));
     assert_eq!(second.submit.prepared, 2);
     assert_eq!(list(&stack, "labels/").await?.len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn creations_whose_answers_are_lost_make_one_batch_each() -> anyhow::Result<()> {
+    let stack = stack("submit-lost-answers").await?;
+    // Every creation makes its batch and answers 500; every upload is processed late.
+    let emulator = emulator(FaultSettings {
+        create_lost_answer: 1.0,
+        file_processing_ms: 300,
+        ..FaultSettings::default()
+    })
+    .await?;
+    let objects = put_files(&stack, &files("screenshots")?[..6]).await?;
+    enqueue(&stack, objects.clone()).await?;
+    let limits = BatchLimits {
+        max_requests: 2,
+        ..BatchLimits::default()
+    };
+    let config = submit_config(&stack, limits)?;
+    let report = run_submit(
+        &stack.store,
+        &stack.queue,
+        &client(&emulator, quick_retries(3))?,
+        &config,
+    )
+    .await?;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.batches.len(), 3, "{report:?}");
+    let stats = emulator.stats();
+    assert_eq!(stats.faults.get("create_lost_answer").copied(), Some(3));
+    assert_eq!(
+        stats.faults.get("file_not_processed").copied(),
+        Some(0),
+        "a batch was created before its file was processed"
+    );
+    assert_eq!(
+        stats.batches.values().sum::<u64>(),
+        3,
+        "a lost answer made a second batch: {:?}",
+        stats.batches
+    );
+    // Each manifest names the batch the provider made from it, and each image is in one.
+    let manifests = manifests(&stack).await?;
+    assert_eq!(manifests.len(), 3);
+    for manifest in &manifests {
+        let link = stack
+            .s3
+            .get_object()
+            .bucket(&stack.resources.bucket)
+            .key(state_keys::manifest_batch(&manifest.name))
+            .send()
+            .await?;
+        let batch_id = String::from_utf8(link.body.collect().await?.into_bytes().to_vec())?;
+        assert!(
+            report.batches.iter().any(|b| b.batch_id == batch_id),
+            "{} names {batch_id}",
+            manifest.name
+        );
+    }
+    assert!(appearances(&manifests).values().all(|n| *n == 1));
+    assert_eq!(appearances(&manifests).len(), objects.len());
+    assert_eq!(
+        queue_depth(&stack, &stack.resources.pending_queue_url).await?,
+        0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_over_the_providers_limit_gets_a_failed_record_before_upload()
+-> anyhow::Result<()> {
+    let stack = stack("submit-request-limit").await?;
+    let emulator = emulator(FaultSettings::default()).await?;
+    let objects = put_files(&stack, &files("screenshots")?[..3]).await?;
+    enqueue(&stack, objects.clone()).await?;
+    let mut config = submit_config(&stack, BatchLimits::default())?;
+    // Smaller than any screenshot's line, larger than none of them.
+    config.max_request_bytes = Some(2_000);
+    let report = run_submit(
+        &stack.store,
+        &stack.queue,
+        &client(&emulator, quick_retries(3))?,
+        &config,
+    )
+    .await?;
+    assert!(report.batches.is_empty(), "{report:?}");
+    assert_eq!(emulator.stats().files_uploaded, 0, "nothing was uploaded");
+    let mut failed = Vec::new();
+    for key in list(&stack, "failed/").await? {
+        failed.push(read_json::<FailedRecord>(&stack, &key).await?);
+    }
+    assert_eq!(failed.len(), objects.len());
+    for record in &failed {
+        let reason = record
+            .reasons
+            .last()
+            .map(|r| r.reason.as_str())
+            .unwrap_or("");
+        assert!(
+            reason.contains("over the provider's 2000-byte limit for one request"),
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        queue_depth(&stack, &stack.resources.pending_queue_url).await?,
+        0
+    );
     Ok(())
 }
