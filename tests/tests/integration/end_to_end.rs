@@ -196,23 +196,24 @@ async fn every_image_ends_with_one_terminal_record_whatever_the_faults() -> anyh
         .ok_or_else(|| anyhow::anyhow!("no emulator"))?
         .stats();
     let injected = |kind: &str| stats.faults.get(kind).copied().unwrap_or(0);
-    // Batch and webhook faults are drawn in batch order, the same on every run with this
-    // seed. Which line draws which fault depends on how the images fell into batches,
-    // which timing decides: each kind alone may miss a run (error_line did once in CI),
-    // so the line faults are counted together.
-    for kind in ["webhook_drop", "webhook_duplicate", "expire"] {
-        assert!(
-            injected(kind) > 0,
-            "{kind} was injected: {:?}",
-            stats.faults
-        );
-    }
-    let line_faults: u64 = ["error_line", "non_json", "schema_break", "length"]
-        .into_iter()
-        .map(injected)
-        .sum();
+    let sum = |kinds: &[&str]| -> u64 { kinds.iter().map(|k| injected(k)).sum() };
+    // Expiry is drawn by batch number, the same on every run with this seed. Which line
+    // draws which fault depends on how timing put the images into batches, and webhook
+    // faults come from a generator shared with other draws, so each kind alone may miss a
+    // run (error_line did once in CI, webhook_drop once in a clean-clone run): those are
+    // counted by group, each group all but certain to fire.
     assert!(
-        line_faults > 0,
+        injected("expire") > 0,
+        "expire was injected: {:?}",
+        stats.faults
+    );
+    assert!(
+        sum(&["webhook_drop", "webhook_duplicate"]) > 0,
+        "webhook faults were injected: {:?}",
+        stats.faults
+    );
+    assert!(
+        sum(&["error_line", "non_json", "schema_break", "length"]) > 0,
         "faulty answer lines were injected: {:?}",
         stats.faults
     );
