@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod backfill;
 mod dataset_cmd;
+mod eval;
 mod export;
 mod local;
 mod prep;
@@ -39,6 +40,9 @@ enum Command {
     /// Write the labels as JSONL, Parquet, or a Hugging Face imagefolder with the images,
     /// from the dataset's Parquet parts.
     Export(export::ExportArgs),
+    /// Compare exported labels with a hand-labelled gold set: accuracy, kappa, MAE and
+    /// quadratic-weighted kappa per field, confusion matrices and every disagreement.
+    Eval(eval::EvalArgs),
     /// The dataset's Parquet parts: rebuild those of labels that have none.
     #[command(subcommand)]
     Dataset(dataset_cmd::DatasetCommand),
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Redrive(args) => redrive::run(args),
         Command::Export(args) => export::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Dataset(command) => dataset_cmd::run(command),
         Command::Report {
             stack,

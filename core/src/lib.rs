@@ -13,6 +13,7 @@ pub mod batch_token;
 pub mod dataset;
 pub mod dispatch;
 pub mod enqueue;
+pub mod eval;
 pub mod harvest;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;
