@@ -67,6 +67,9 @@ pub struct SlotClaim {
 pub struct HeldSlot {
     pub index: u32,
     pub manifest: String,
+    /// The etag of this worker's claim: re-pointing it is conditional on it, so a claim
+    /// taken over while this worker was slow is noticed, not overwritten.
+    pub etag: String,
 }
 
 /// Claims one of `slots` slots for `manifest`, looking again every `poll` until `until`.
@@ -102,10 +105,11 @@ pub async fn claim_slot<S: ObjectStore>(
                 )
                 .await
             {
-                Ok(_) => {
+                Ok(etag) => {
                     return Ok(Some(HeldSlot {
                         index,
                         manifest: manifest.to_owned(),
+                        etag,
                     }));
                 }
                 Err(StoreError::ConditionFailed { .. }) => {}
@@ -137,11 +141,12 @@ pub async fn claim_slot<S: ObjectStore>(
                 )
                 .await
             {
-                Ok(_) => {
+                Ok(etag) => {
                     tracing::info!(slot = index, from = %held.manifest, "took over a stale slot");
                     return Ok(Some(HeldSlot {
                         index,
                         manifest: manifest.to_owned(),
+                        etag,
                     }));
                 }
                 Err(StoreError::ConditionFailed { .. }) => {}
@@ -155,6 +160,42 @@ pub async fn claim_slot<S: ObjectStore>(
         // Jittered, so waiting workers do not poll in step.
         let wait = poll.mul_f64(rand::random_range(0.5..1.5));
         tokio::time::sleep(wait.min(until - now)).await;
+    }
+}
+
+/// Points a held slot's claim at `manifest` (a slot claimed ahead, now for a file about
+/// to be submitted), with a fresh claim time. Conditional on the claim being this
+/// worker's still: `None` when it was taken over meanwhile (held past the lease, as a slow
+/// drain under load can), so that the caller claims another rather than overwrite the
+/// new holder's claim and open one batch too many.
+pub async fn repoint_slot<S: ObjectStore>(
+    store: &S,
+    bucket: &str,
+    slot: &HeldSlot,
+    manifest: &str,
+) -> Result<Option<HeldSlot>, StoreError> {
+    let claim = SlotClaim {
+        manifest: manifest.to_owned(),
+        claimed_at: unix_now(),
+    };
+    let body = serde_json::to_vec(&claim).map_err(|e| StoreError::Other(e.to_string()))?;
+    match store
+        .put(
+            bucket,
+            &state_keys::slot(slot.index),
+            body,
+            "application/json",
+            WriteCondition::IfMatch(slot.etag.clone()),
+        )
+        .await
+    {
+        Ok(etag) => Ok(Some(HeldSlot {
+            index: slot.index,
+            manifest: manifest.to_owned(),
+            etag,
+        })),
+        Err(StoreError::ConditionFailed { .. }) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -294,5 +335,57 @@ mod tests {
         };
         assert_eq!(both.slots(1_000), Some(4));
         assert_eq!(both.slots(10_000), Some(2));
+    }
+
+    /// A worker that held a slot past the lease (a slow drain) finds, when it re-points
+    /// its claim, that the slot was taken over: the write conditional on its claim's etag
+    /// fails instead of overwriting the new holder's (which once let a third batch open
+    /// under a limit of two, on a loaded machine).
+    #[tokio::test]
+    async fn a_claim_taken_over_cannot_be_overwritten_by_its_old_holder() {
+        use crate::memory::MemoryStore;
+        let store = MemoryStore::default();
+        let until = || Instant::now() + Duration::from_secs(5);
+        let poll = Duration::from_millis(10);
+        let slow = claim_slot(&store, "b", 1, "manifest-a", Duration::ZERO, poll, until())
+            .await
+            .ok()
+            .flatten()
+            .expect("a free slot");
+        // Older than a zero lease, and no batch was created for it.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let taker = claim_slot(&store, "b", 1, "manifest-b", Duration::ZERO, poll, until())
+            .await
+            .ok()
+            .flatten()
+            .expect("the stale slot taken over");
+        assert_eq!(taker.index, slow.index);
+        let lost = repoint_slot(&store, "b", &slow, "manifest-a2").await;
+        assert!(matches!(lost, Ok(None)), "{lost:?}");
+        // The new holder's claim stands, and it can re-point its own.
+        let claim: SlotClaim = serde_json::from_slice(
+            &store
+                .get("b", &state_keys::slot(0))
+                .await
+                .expect("claim")
+                .body,
+        )
+        .expect("a claim");
+        assert_eq!(claim.manifest, "manifest-b");
+        let moved = repoint_slot(&store, "b", &taker, "manifest-b2")
+            .await
+            .expect("no store error")
+            .expect("still the taker's");
+        assert_eq!(moved.manifest, "manifest-b2");
+        // And again with the etag of the re-pointed claim, not the first one.
+        assert!(matches!(
+            repoint_slot(&store, "b", &taker, "manifest-b3").await,
+            Ok(None)
+        ));
+        assert!(
+            repoint_slot(&store, "b", &moved, "manifest-b3")
+                .await
+                .is_ok_and(|s| s.is_some())
+        );
     }
 }

@@ -19,7 +19,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::backpressure::{HeldSlot, ProviderLimits, claim_slot, release_slot, take_upload_turn};
+use crate::backpressure::{
+    HeldSlot, ProviderLimits, claim_slot, release_slot, repoint_slot, take_upload_turn,
+};
 use crate::batch_api::CreateBatchRequest;
 use crate::batch_token;
 use crate::ports::{
@@ -437,45 +439,42 @@ where
         let Some(slots) = self.slot_count() else {
             return Ok(None);
         };
-        let slot = match self.slots.pop() {
-            Some(slot) => slot,
-            None => claim_slot(
-                self.store,
-                &self.config.bucket,
-                slots,
-                manifest,
-                self.slot_lease(),
-                self.config.provider_limits.poll_interval,
-                self.wait_deadline(),
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                self.report.held_back = true;
-                format!("the provider's limit of {slots} open batches was reached and no slot came free in time")
-            })?,
-        };
-        if slot.manifest != manifest {
-            let claim = crate::backpressure::SlotClaim {
-                manifest: manifest.to_owned(),
-                claimed_at: unix_now(),
-            };
-            let body = serde_json::to_vec(&claim).map_err(|e| e.to_string())?;
-            self.store
-                .put(
+        loop {
+            let slot = match self.slots.pop() {
+                Some(slot) => slot,
+                None => claim_slot(
+                    self.store,
                     &self.config.bucket,
-                    &state_keys::slot(slot.index),
-                    body,
-                    "application/json",
-                    WriteCondition::Overwrite,
+                    slots,
+                    manifest,
+                    self.slot_lease(),
+                    self.config.provider_limits.poll_interval,
+                    self.wait_deadline(),
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    self.report.held_back = true;
+                    format!("the provider's limit of {slots} open batches was reached and no slot came free in time")
+                })?,
+            };
+            if slot.manifest == manifest {
+                return Ok(Some(slot));
+            }
+            // A slot claimed ahead is re-pointed at this file's manifest, only if the claim
+            // is still this worker's (see `repoint_slot`).
+            match repoint_slot(self.store, &self.config.bucket, &slot, manifest).await {
+                Ok(Some(slot)) => return Ok(Some(slot)),
+                Ok(None) => {
+                    tracing::warn!(
+                        slot = slot.index,
+                        manifest,
+                        "a slot claimed ahead was taken over while held; claiming another"
+                    );
+                }
+                Err(e) => return Err(e.to_string()),
+            }
         }
-        Ok(Some(HeldSlot {
-            index: slot.index,
-            manifest: manifest.to_owned(),
-        }))
     }
 
     /// How many more messages this run may take.
