@@ -908,3 +908,69 @@ async fn errors_a_person_can_act_on_are_one_line() -> anyhow::Result<()> {
     assert!(!Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../unused")).exists());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_reads_the_labels_from_the_buckets_dataset_parts() -> anyhow::Result<()> {
+    let stack = stack("ops-eval").await?;
+    let current = task_ref()?;
+    // Three labelled images; the gold set disagrees with one aesthetic (4 against 5) and
+    // names a fourth image that has no label.
+    for (key, file, answer) in [
+        (
+            "incoming/saas-landing.png",
+            "saas-landing.png",
+            json!({"landing_page": true, "aesthetic": 4}),
+        ),
+        (
+            "incoming/blog-article.png",
+            "blog-article.png",
+            json!({"landing_page": false, "aesthetic": 3}),
+        ),
+        (
+            "incoming/docs-page.png",
+            "docs-page.png",
+            json!({"landing_page": false, "aesthetic": 2}),
+        ),
+    ] {
+        let etag = put(&stack, key, screenshot(file)?).await?;
+        put_label(&stack, &label(&stack, key, &etag, current.clone(), answer)).await?;
+    }
+    let env = stack_env(&stack);
+    let rebuilt = json_of(&env, &["dataset", "rebuild", "--json"])?;
+    assert_eq!(rebuilt["parts_written"], 1, "{rebuilt}");
+    let dir = tempfile::tempdir()?;
+    let gold = dir.path().join("gold.json");
+    std::fs::write(
+        &gold,
+        json!({
+            "saas-landing.png": {"landing_page": true, "aesthetic": 5},
+            "blog-article.png": {"landing_page": false, "aesthetic": 3},
+            "docs-page.png": {"landing_page": false, "aesthetic": 2},
+            "never-labelled.png": {"landing_page": true, "aesthetic": 1},
+        })
+        .to_string(),
+    )?;
+    let gold_arg = gold.to_string_lossy().into_owned();
+    let report = json_of(&env, &["eval", "--gold", &gold_arg, "--json"])?;
+    assert_eq!(report["counts"]["gold_images"], 4, "{report}");
+    assert_eq!(report["counts"]["labels"], 3, "{report}");
+    assert_eq!(report["counts"]["matched"], 3, "{report}");
+    assert_eq!(report["gold_without_label"], json!(["never-labelled.png"]));
+    assert_eq!(report["all_fields"]["agreed"], 2, "{report}");
+    let field = |name: &str| {
+        report["fields"]
+            .as_array()
+            .and_then(|fields| fields.iter().find(|f| f["field"] == name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(field("landing_page")["agreed"], 3);
+    assert_eq!(field("aesthetic")["agreed"], 2);
+    // One of three off by one.
+    let mae = field("aesthetic")["mean_absolute_error"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    assert!((mae - 1.0 / 3.0).abs() < 1e-9, "{mae}");
+    assert_eq!(report["disagreements"].as_array().map(Vec::len), Some(1));
+    Ok(())
+}
