@@ -17,6 +17,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use shotlabel_core::metered::RequestSnapshot;
 use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::provider::ProviderProfile;
 use shotlabel_core::records::{BatchRecord, FailedRecord, LabelRecord, Layout};
 use shotlabel_localstack::pipeline::{LocalPipeline, PipelineOptions, ProviderChoice};
 use shotlabel_localstack::s3_client;
@@ -71,24 +72,36 @@ async fn stop_signal() -> anyhow::Result<(&'static str, u8)> {
     Ok(("Ctrl-C", 2))
 }
 
-/// A real provider when both variables are set; otherwise the bundled emulator.
-fn provider_from_env() -> ProviderChoice {
+/// A real provider when both variables are set (its profile from `SHOTLABEL_PROVIDER`);
+/// otherwise the bundled emulator.
+fn provider_from_env() -> anyhow::Result<ProviderChoice> {
     let url = std::env::var("SHOTLABEL_PROVIDER_URL")
         .ok()
         .filter(|u| !u.is_empty());
     let key = std::env::var("SHOTLABEL_API_KEY")
         .ok()
         .filter(|k| !k.is_empty());
-    match (url, key) {
+    let profile = match std::env::var("SHOTLABEL_PROVIDER")
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+    {
+        None => ProviderProfile::default(),
+        Some(name) => name
+            .trim()
+            .parse::<ProviderProfile>()
+            .map_err(|what| anyhow::anyhow!("SHOTLABEL_PROVIDER={name:?}: expected {what}"))?,
+    };
+    Ok(match (url, key) {
         (Some(base_url), Some(key)) => ProviderChoice::Remote {
             base_url,
             api_key: SecretString::from(key),
+            profile,
         },
         _ => ProviderChoice::Emulator {
             faults: Default::default(),
             seed: 0,
         },
-    }
+    })
 }
 
 /// The images in `dir` that a provider accepts, by extension, sorted by name.
@@ -131,7 +144,7 @@ async fn run_local(args: LocalArgs<'_>) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let task = load_task(args.task)?;
     let images = list_images(args.images)?;
-    let provider = provider_from_env();
+    let provider = provider_from_env()?;
     let emulated = matches!(provider, ProviderChoice::Emulator { .. });
 
     println!(

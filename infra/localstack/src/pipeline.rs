@@ -29,6 +29,7 @@ use shotlabel_aws::{S3Store, SqsQueue};
 use shotlabel_batch_client::{BatchApiConfig, BatchClient, RetryPolicy};
 use shotlabel_core::metered::{Metered, RequestCounts, RequestSnapshot};
 use shotlabel_core::ports::ObjectStore;
+use shotlabel_core::provider::ProviderProfile;
 use shotlabel_core::records::TaskRef;
 use shotlabel_core::request::BatchLimits;
 use shotlabel_core::settings::{
@@ -53,6 +54,8 @@ pub enum ProviderChoice {
     Remote {
         base_url: String,
         api_key: SecretString,
+        /// Its documented limits and quirks (`SHOTLABEL_PROVIDER`).
+        profile: ProviderProfile,
     },
 }
 
@@ -295,11 +298,17 @@ impl LocalPipeline {
                 let url = emulator.base_url();
                 (Some(emulator), url, SecretString::from(key))
             }
-            ProviderChoice::Remote { base_url, api_key } => {
-                (None, base_url.clone(), api_key.clone())
-            }
+            ProviderChoice::Remote {
+                base_url, api_key, ..
+            } => (None, base_url.clone(), api_key.clone()),
+        };
+        // The emulator is a generic OpenAI-compatible provider.
+        let profile = match &options.provider {
+            ProviderChoice::Remote { profile, .. } => *profile,
+            ProviderChoice::Emulator { .. } => ProviderProfile::Generic,
         };
         let mut api = BatchApiConfig::new(&base_url, api_key).map_err(start_error)?;
+        api.file_ready_timeout = profile.defaults().file_ready_wait;
         if emulator.is_some() {
             api.retry = RetryPolicy {
                 max_attempts: 8,
@@ -344,8 +353,17 @@ impl LocalPipeline {
         .as_secs()
         .to_string();
         let max_workers = options.submit_workers.to_string();
-        let max_open_batches = options.max_open_batches.to_string();
-        let upload_interval = options.upload_interval.as_secs_f64().to_string();
+        // Unset (empty) where the options leave them at zero, so that a real provider's
+        // profile sets them (Inference.net's one upload a minute).
+        let max_open_batches = match options.max_open_batches {
+            0 => String::new(),
+            n => n.to_string(),
+        };
+        let upload_interval = if options.upload_interval.is_zero() {
+            String::new()
+        } else {
+            options.upload_interval.as_secs_f64().to_string()
+        };
         let work_queue = if options.submit_workers > 0 {
             resources.submit_work_queue_url.as_str()
         } else {
@@ -388,6 +406,7 @@ impl LocalPipeline {
             ("SHOTLABEL_INPUT_PREFIX", prefix),
             ("SHOTLABEL_MAX_RETRIES", max_retries.as_str()),
             ("SHOTLABEL_PROVIDER_URL", base_url.as_str()),
+            ("SHOTLABEL_PROVIDER", profile.name()),
             // Empty (unset) without sharding.
             ("SHOTLABEL_HARVEST_QUEUE_URL", shard_queue),
             ("SHOTLABEL_HARVEST_SHARD_REQUESTS", shard_requests.as_str()),
@@ -413,6 +432,7 @@ impl LocalPipeline {
             ("SHOTLABEL_INPUT_PREFIX", prefix),
             ("SHOTLABEL_MAX_RETRIES", max_retries.as_str()),
             ("SHOTLABEL_PROVIDER_URL", base_url.as_str()),
+            ("SHOTLABEL_PROVIDER", profile.name()),
             ("SHOTLABEL_WEBHOOK_MODE", webhook_mode.as_str()),
             ("SHOTLABEL_WEBHOOK_URL", webhook_url.as_str()),
             ("SHOTLABEL_MAX_BATCH_REQUESTS", max_batch_requests.as_str()),
@@ -447,7 +467,11 @@ impl LocalPipeline {
         let mut submit_config = submit_settings
             .config(Some(secret.clone()))
             .map_err(start_error)?;
-        submit_config.task = options.task.clone();
+        submit_config.task = Arc::new(
+            (*options.task)
+                .clone()
+                .with_provider_token_field(profile.defaults().token_field),
+        );
         let submit_handler = Submit {
             store: store(&requests.submit),
             queue: queue(&requests.submit),
