@@ -133,6 +133,9 @@ fn start_error(e: impl std::fmt::Display) -> PipelineError {
 #[derive(Debug, Default)]
 pub struct RunnerStats {
     pub events: AtomicU64,
+    /// Pending messages the enqueue handler sent, and images it found labelled already.
+    pub queued: AtomicU64,
+    pub already_labelled: AtomicU64,
     /// Notifications that were neither an S3 event nor S3's test event (logged, dropped).
     pub unreadable_events: AtomicU64,
     pub submit_runs: AtomicU64,
@@ -216,6 +219,10 @@ pub struct WorkerRun {
     pub prepared: usize,
     /// Batches it created.
     pub batches: usize,
+    /// Messages it deleted because their object is gone or changed (no record made).
+    pub superseded: usize,
+    /// Second copies of a message it already held this run.
+    pub duplicate_messages: usize,
 }
 
 impl RunnerStats {
@@ -806,7 +813,15 @@ impl EventRunner {
                 .await;
                 crashed = invocation.is_some_and(|i| i.crashed());
                 match outcome {
-                    Some(Ok(_)) => true,
+                    Some(Ok(report)) => {
+                        stats
+                            .queued
+                            .fetch_add(report.queued as u64, Ordering::Relaxed);
+                        stats
+                            .already_labelled
+                            .fetch_add(report.already_labelled as u64, Ordering::Relaxed);
+                        true
+                    }
                     Some(Err(e)) => {
                         stats.handler_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(error = %e, "enqueue failed; the event will be delivered again");
@@ -969,6 +984,8 @@ impl WorkerRunner {
                 received: report.submit.received,
                 prepared: report.submit.prepared,
                 batches: report.submit.batches.len(),
+                superseded: report.submit.superseded,
+                duplicate_messages: report.submit.duplicate_messages,
             });
         }
         let done = match outcome {

@@ -120,16 +120,22 @@ async fn wait_terminal(
                 }
                 traces.push(format!("{key} in {seen:?}"));
             }
+            let runs = pipeline.stats.worker_runs();
+            let superseded: usize = runs.iter().map(|r| r.superseded).sum();
+            let duplicates: usize = runs.iter().map(|r| r.duplicate_messages).sum();
+            let load =
+                |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
             anyhow::bail!(
                 "{done} of {} images have a terminal record after {} s; first without one: \
-                 {missing:?}; traces: {traces:?}; S3 events handled {}; open markers {}; \
-                 handler errors {}; queues: {}",
+                 {missing:?}; traces: {traces:?}; S3 events handled {}; pending messages \
+                 queued {} (already labelled {}); workers' superseded {superseded}, \
+                 duplicate messages {duplicates}; open markers {}; handler errors {}; \
+                 queues: {}",
                 keys.len(),
                 timeout.as_secs(),
-                pipeline
-                    .stats
-                    .events
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                load(&pipeline.stats.events),
+                load(&pipeline.stats.queued),
+                load(&pipeline.stats.already_labelled),
                 store.list(bucket, "state/open/").await?.len(),
                 pipeline
                     .stats
