@@ -81,16 +81,8 @@ fn provider_from_env() -> anyhow::Result<ProviderChoice> {
     let key = std::env::var("SHOTLABEL_API_KEY")
         .ok()
         .filter(|k| !k.is_empty());
-    let profile = match std::env::var("SHOTLABEL_PROVIDER")
-        .ok()
-        .filter(|p| !p.trim().is_empty())
-    {
-        None => ProviderProfile::default(),
-        Some(name) => name
-            .trim()
-            .parse::<ProviderProfile>()
-            .map_err(|what| anyhow::anyhow!("SHOTLABEL_PROVIDER={name:?}: expected {what}"))?,
-    };
+    let profile =
+        ProviderProfile::from_setting(std::env::var("SHOTLABEL_PROVIDER").ok().as_deref())?;
     Ok(match (url, key) {
         (Some(base_url), Some(key)) => ProviderChoice::Remote {
             base_url,

@@ -70,6 +70,21 @@ impl std::str::FromStr for ProviderProfile {
 }
 
 impl ProviderProfile {
+    /// `SHOTLABEL_PROVIDER` as read outside the clap settings (the CLI's local runs, the
+    /// provider client from a bare environment): unset or blank is the default.
+    pub fn from_setting(value: Option<&str>) -> Result<Self, crate::settings::SettingsError> {
+        match value.map(str::trim).filter(|v| !v.is_empty()) {
+            None => Ok(Self::default()),
+            Some(name) => name
+                .parse()
+                .map_err(|what| crate::settings::SettingsError::Invalid {
+                    name: "SHOTLABEL_PROVIDER".into(),
+                    value: name.to_owned(),
+                    what,
+                }),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::InferenceNet => "inference-net",

@@ -582,18 +582,7 @@ pub async fn batch_client_from_env(
             name: "SHOTLABEL_PROVIDER_URL".into(),
             what: "the provider's Batch API root, e.g. https://api.openai.com/v1".into(),
         })?;
-    let provider = match env("SHOTLABEL_PROVIDER").filter(|v| !v.trim().is_empty()) {
-        None => ProviderProfile::default(),
-        Some(name) => {
-            name.trim()
-                .parse::<ProviderProfile>()
-                .map_err(|what| SettingsError::Invalid {
-                    name: "SHOTLABEL_PROVIDER".into(),
-                    value: name.clone(),
-                    what,
-                })?
-        }
-    };
+    let provider = ProviderProfile::from_setting(env("SHOTLABEL_PROVIDER").as_deref())?;
     let settings = ProviderSettings {
         provider,
         delete_provider_files: None,

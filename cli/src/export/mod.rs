@@ -78,8 +78,6 @@ pub struct ExportArgs {
 
 const LABELS_FILE: &str = "labels.jsonl";
 const METADATA_FILE: &str = "metadata.jsonl";
-/// Provenance columns every row carries.
-const PROVENANCE: [&str; 5] = ["key", "etag", "task_version", "model", "batch_id"];
 
 #[derive(Debug, Default, serde::Serialize)]
 struct Summary {
@@ -416,7 +414,7 @@ fn flat_row(record: &LabelRecord) -> Map<String, Value> {
         record.model.clone(),
         record.provenance.batch_id.clone(),
     ];
-    for (name, value) in PROVENANCE.into_iter().zip(provenance) {
+    for (name, value) in dataset::EXPORT_PROVENANCE.into_iter().zip(provenance) {
         if let Some(clash) = row.remove(name) {
             row.insert(format!("label_{name}"), clash);
         }

@@ -36,6 +36,11 @@ pub const DATASET_PREFIX: &str = "dataset/";
 /// The media type parts are written with.
 pub const PARQUET_CONTENT_TYPE: &str = "application/vnd.apache.parquet";
 
+/// The provenance columns every row of an export's `labels.jsonl` carries beside the
+/// answer's fields (an answer field of the same name is written as `label_<name>`); the
+/// export writes them and `eval` reads them back.
+pub const EXPORT_PROVENANCE: [&str; 5] = ["key", "etag", "task_version", "model", "batch_id"];
+
 /// Rows decoded into one Arrow batch at a time.
 const ROWS_PER_BATCH: usize = 8_192;
 

@@ -6,9 +6,6 @@ use serde_json::{Map, Value};
 
 use super::EvalError;
 
-/// The provenance columns an export's `labels.jsonl` adds to each row; an answer field of
-/// the same name is written as `label_<name>`.
-const EXPORT_COLUMNS: [&str; 5] = ["key", "etag", "task_version", "model", "batch_id"];
 /// A labels file as read: answers by object key, and the task versions they were made
 /// under (a file of mixed versions compares answers to different prompts).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -120,7 +117,7 @@ fn parse_jsonl(text: &str, key_fields: &[&'static str]) -> Result<Rows, EvalErro
 /// back to their own names.
 fn answer_of_row(mut row: Map<String, Value>) -> Map<String, Value> {
     row.remove("file_name");
-    for name in EXPORT_COLUMNS {
+    for name in crate::dataset::EXPORT_PROVENANCE {
         row.remove(name);
         if let Some(value) = row.remove(&format!("label_{name}")) {
             row.insert(name.to_owned(), value);
